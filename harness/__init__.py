@@ -1,0 +1,1 @@
+"""Validation and benchmark harness: fingerprint -> matrix -> suites -> results -> gate/dashboard."""

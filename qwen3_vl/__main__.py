@@ -1,0 +1,90 @@
+"""Command line: ``python -m qwen3_vl generate|info``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import qwen3_vl
+
+    source = args.model or args.preset
+    model = qwen3_vl.from_pretrained(source, dtype=args.dtype, device=args.device, plan=args.plan, seed=args.seed)
+    if args.verbose:
+        print(model.plan_report(), file=sys.stderr)
+    if args.prompt_ids is None:
+        raise SystemExit("error: give --prompt-ids (comma-separated token ids)")
+    ids = torch.tensor([[int(t) for t in args.prompt_ids.split(",")]])
+    out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                         temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    print(" ".join(str(t) for t in out[0, ids.shape[1]:].tolist()))
+    return 0
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def _info(args: argparse.Namespace) -> int:
+    from qwen3_vl.config import from_hf, parameter_count, preset
+
+    config = preset(args.preset) if args.preset else from_hf(args.model)
+    t, v = config.text, config.vision
+    counts = parameter_count(config)
+    print(f"text:   {t.num_hidden_layers} layers, {t.num_attention_heads} attention heads, "
+          f"{t.num_key_value_heads} KV heads, head_dim {t.head_dim}, hidden {t.hidden_size}, "
+          f"intermediate {t.intermediate_size}, vocab {t.vocab_size}, tied={config.tie_word_embeddings}")
+    print(f"vision: {v.depth} blocks, {v.num_heads} heads (head_dim {v.head_dim}), hidden {v.hidden_size}, "
+          f"intermediate {v.intermediate_size}, DeepStack taps {list(v.deepstack_visual_indexes)}")
+    for part in ("text", "lm_head", "vision", "total"):
+        print(f"params {part + ':':8} {counts[part]:>15,}")
+    for name, size in (("fp32", 4), ("fp16/bf16", 2), ("int8", 1), ("int4", 0.5)):
+        print(f"bytes  {name + ':':10} {_human(counts['total'] * size):>12}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qwen3_vl", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate tokens from a prompt")
+    src = gen.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="checkpoint directory (config.json + safetensors)")
+    src.add_argument("--preset", help="preset name (seeded random weights)")
+    gen.add_argument("--prompt-ids", help="comma-separated prompt token ids")
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    gen.add_argument("--plan", default=None, help="plan id, e.g. attention=sdpa,kv_cache=static")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--verbose", action="store_true", help="print the plan report (fallbacks and reasons)")
+    gen.set_defaults(func=_generate)
+
+    info = sub.add_parser("info", help="parameter counts, layers, heads, bytes per dtype")
+    isrc = info.add_mutually_exclusive_group(required=True)
+    isrc.add_argument("--preset")
+    isrc.add_argument("--model")
+    info.set_defaults(func=_info)
+
+    args = parser.parse_args(argv)
+    from qwen3_vl import CheckpointError, ConfigError, InputError, PlanError
+
+    try:
+        return args.func(args)
+    except (CheckpointError, ConfigError, InputError, PlanError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

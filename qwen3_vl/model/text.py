@@ -1,0 +1,120 @@
+"""Qwen3 text decoder with DeepStack injection: the language half of Qwen3-VL.
+
+Each layer is ``h = x + o_proj(attn(rmsnorm(x))); out = h + mlp(rmsnorm(h))`` with per-head q/k
+RMSNorm before RoPE and grouped-query attention whose KV heads are stored unexpanded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwen3_vl.config import TextConfig
+from qwen3_vl.model.layers import Linear, RMSNorm, apply_rotary
+
+
+@dataclass
+class AttentionMask:
+    """Which keys each query may see.
+
+    The queries of a step are the last ``Lq`` of the ``Lk`` keys (everything cached precedes
+    them), so "causal" means key ``j`` is visible to query ``i`` when ``j <= i + Lk - Lq``.
+    ``key_valid`` ([batch, Lk] bool, or None when every key is real) removes padding.
+    """
+
+    key_valid: torch.Tensor | None = None
+    causal: bool = True
+
+    def allowed(self, lq: int, lk: int, device: torch.device) -> torch.Tensor:
+        """Dense boolean mask [batch or 1, 1, lq, lk]; True where attention is allowed."""
+        allowed = torch.ones(1, 1, lq, lk, dtype=torch.bool, device=device)
+        if self.causal:
+            q_idx = torch.arange(lq, device=device)[:, None] + (lk - lq)
+            allowed = allowed & (torch.arange(lk, device=device)[None, :] <= q_idx)
+        if self.key_valid is not None:
+            allowed = allowed & self.key_valid[:, None, None, :].to(device)
+        return allowed
+
+
+class TextAttention(nn.Module):
+    def __init__(self, config: TextConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        h = config.hidden_size
+        self.q_proj = Linear(h, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = Linear(h, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = Linear(h, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = Linear(self.num_heads * self.head_dim, h, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask: AttentionMask, cache, attention) -> torch.Tensor:
+        b, n, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(b, n, -1, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(b, n, -1, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(b, n, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v, key_valid = cache.update(self.layer_idx, k, v)
+            mask = AttentionMask(key_valid, mask.causal)
+        out = attention.text(q, k, v, mask, self.head_dim**-0.5)
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class TextMLP(nn.Module):
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: TextConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = TextAttention(config, layer_idx)
+        self.mlp = TextMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache, attention) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, attention)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class TextModel(nn.Module):
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        embeds: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: AttentionMask,
+        cache,
+        attention,
+        visual_mask: torch.Tensor | None = None,
+        deepstack: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Final-normed hidden states. DeepStack feature ``k`` is added after layer ``k``."""
+        x = embeds
+        for index, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, cache, attention)
+            if deepstack and index < len(deepstack):
+                x = x.clone()
+                x[visual_mask] = x[visual_mask] + deepstack[index].to(x.dtype)
+        return self.norm(x)

@@ -1,0 +1,26 @@
+"""Resident weights: every tensor lives on the execution device. The reference."""
+
+from __future__ import annotations
+
+from qwen3_vl.optim.plan import Optimization
+
+
+class ResidentMemory:
+    name = "resident"
+
+    def __init__(self, model, target) -> None:
+        model.to(target.device)
+        self.device_weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+    def describe(self) -> dict:
+        return {"device_weight_bytes": self.device_weight_bytes, "offloaded_bytes": 0}
+
+
+OPTION = Optimization(
+    name="resident",
+    axis="memory",
+    exact=True,
+    reference=True,
+    summary="Reference placement: all weights resident on the execution device.",
+    build=lambda model, target: ResidentMemory(model, target),
+)

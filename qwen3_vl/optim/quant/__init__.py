@@ -1,0 +1,1 @@
+"""Options of the quant axis, one module each (registered in qwen3_vl/optim/registry.py)."""

@@ -1,0 +1,1 @@
+"""Latency, memory and accuracy suites run by the harness."""
