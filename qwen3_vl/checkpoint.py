@@ -203,7 +203,9 @@ def random_init_(model: nn.Module, config: Qwen3VLConfig, seed: int, dtype: torc
     """Give every parameter of a (meta) model seeded random values, allocated in ``dtype``.
 
     Each tensor's values depend only on its name and the seed. Scales keep activations O(1):
-    linear weights ~ U with std fan_in^-1/2, embeddings std 1, norm weights 1 +- 0.1, biases 0.02.
+    weights and embeddings std (last dim)^-1/2, norm weights 1 +- 0.1, biases std 0.02. (With
+    embeddings much larger than that, a tied head makes the model repeat its input token, which
+    weakens generation tests.)
     uniform_ is used (not normal_) because it is several times faster on CPU for large presets.
     """
     for module_name, module in model.named_modules():
@@ -219,8 +221,6 @@ def random_init_(model: nn.Module, config: Qwen3VLConfig, seed: int, dtype: torc
                 std, center = 0.02, 0.0
             elif isinstance(module, (nn.LayerNorm, RMSNorm)):
                 std, center = 0.1, 1.0
-            elif isinstance(module, nn.Embedding):
-                std, center = 1.0, 0.0
             else:
                 std, center = param.shape[-1] ** -0.5, 0.0
             bound = std * 3**0.5
