@@ -12,16 +12,48 @@ def _generate(args: argparse.Namespace) -> int:
     import qwen3_vl
 
     source = args.model or args.preset
+    if (args.prompt is None) == (args.prompt_ids is None):
+        raise ValueError("give either --prompt TEXT or --prompt-ids IDS")
+    if args.prompt_ids is not None and (args.image or args.video):
+        raise ValueError("--image/--video need --prompt TEXT (--prompt-ids takes token ids only)")
+    processor = None
+    if args.prompt is not None:  # preprocess before loading the model, so bad input fails fast
+        processor, inputs = _prompt_inputs(args, source)
+    else:
+        try:
+            inputs = {"input_ids": torch.tensor([[int(t) for t in args.prompt_ids.split(",")]])}
+        except ValueError:
+            raise ValueError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
     model = qwen3_vl.from_pretrained(source, dtype=args.dtype, device=args.device, plan=args.plan, seed=args.seed)
     if args.verbose:
         print(model.plan_report(), file=sys.stderr)
-    if args.prompt_ids is None:
-        raise SystemExit("error: give --prompt-ids (comma-separated token ids)")
-    ids = torch.tensor([[int(t) for t in args.prompt_ids.split(",")]])
-    out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+    out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                          temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    print(" ".join(str(t) for t in out[0, ids.shape[1]:].tolist()))
+    new_tokens = out[0, inputs["input_ids"].shape[1]:].tolist()
+    if processor is None:
+        print(" ".join(str(t) for t in new_tokens))
+    else:
+        print(processor.tokenizer.decode(new_tokens, skip_special_tokens=True))
     return 0
+
+
+def _prompt_inputs(args: argparse.Namespace, source: str) -> tuple:
+    """The chat-formatted prompt with its images/video, as model inputs (and the processor for decoding)."""
+    from qwen3_vl.processing import Processor, load_video
+
+    processor = Processor.from_pretrained(
+        source, min_pixels=args.min_pixels, max_pixels=args.max_pixels, max_image_pixels=args.max_image_pixels
+    )
+    content = [{"type": "image", "image": path} for path in args.image or []]
+    if args.video:
+        video = load_video(args.video, fps=args.video_fps, max_image_pixels=processor.config.max_image_pixels)
+        content.append({"type": "video", "video": video})
+    content.append({"type": "text", "text": args.prompt})
+    inputs = processor(messages=[{"role": "user", "content": content}])
+    if args.preset:
+        print(f"note: preset '{args.preset}' has random weights and no tokenizer; text uses the byte-level "
+              "fallback tokenizer (not Qwen's vocabulary)", file=sys.stderr)
+    return processor, inputs
 
 
 def _human(n: float) -> str:
@@ -58,7 +90,16 @@ def main(argv: list[str] | None = None) -> int:
     src = gen.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="checkpoint directory (config.json + safetensors)")
     src.add_argument("--preset", help="preset name (seeded random weights)")
-    gen.add_argument("--prompt-ids", help="comma-separated prompt token ids")
+    gen.add_argument("--prompt", help="prompt text, wrapped in the chat template; prints text (uses the "
+                     "checkpoint's tokenizer.json, or for presets a byte-level fallback that is not Qwen's vocabulary)")
+    gen.add_argument("--prompt-ids", help="comma-separated prompt token ids; prints token ids")
+    gen.add_argument("--image", action="append", help="image file (repeat for several); placed before the text")
+    gen.add_argument("--video", help="animated GIF/WebP/PNG, or a .npy [T,H,W,3] uint8 array (with --video-fps)")
+    gen.add_argument("--video-fps", type=float, help="source frame rate of --video (needed for .npy)")
+    gen.add_argument("--min-pixels", type=int, help="lower bound of the resized image area (default 65536)")
+    gen.add_argument("--max-pixels", type=int, help="upper bound of the resized image area (default 16777216)")
+    gen.add_argument("--max-image-pixels", type=int,
+                     help="refuse larger source images (decompression-bomb guard; default 89478485)")
     gen.add_argument("--max-new-tokens", type=int, default=32)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-k", type=int, default=0)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageSequence, UnidentifiedImageError
 
-from qwen3_vl.config import ConfigError, Qwen3VLConfig, from_hf, preset
+from qwen3_vl.config import PRESETS, ConfigError, Qwen3VLConfig, from_hf, preset
 from qwen3_vl.model.positions import InputError
 from qwen3_vl.tokenizer import Tokenizer, TokenizerError, apply_chat_template, content_kind
 
@@ -542,6 +542,10 @@ class Processor:
         name (the byte-level fallback tokenizer, NOT Qwen's vocabulary). ``overrides``: ProcessorConfig fields."""
         name = str(path_or_preset)
         path = Path(name)
+        if not path.is_dir() and name not in PRESETS:
+            raise ConfigError(
+                f"'{name}' is neither a checkpoint directory nor a preset; presets are: {', '.join(PRESETS)}"
+            )
         if path.is_dir():
             tokenizer = Tokenizer.from_dir(path)
             if tokenizer is None:
