@@ -95,12 +95,14 @@ class Qwen3VL(nn.Module):
             if grid is None:
                 raise InputError(f"{kind} pixel values given without {kind}_grid_thw")
             check_grid(kind, pixels, grid, self.config)
-            tokens, deepstack = self.vision.encode(self, pixels.to(self.device), grid)
-            if int(mask.sum()) != tokens.shape[0]:
+            # Checked before the vision tower runs, so a bad request costs nothing and caches nothing.
+            expected = int(grid.prod(-1).sum()) // self.config.vision.spatial_merge_size**2
+            if int(mask.sum()) != expected:
                 raise InputError(
                     f"{kind} token count does not match the {kind} grid: the prompt has {int(mask.sum())} "
-                    f"placeholder tokens, the grid gives {tokens.shape[0]} features"
+                    f"placeholder tokens, the grid gives {expected} features"
                 )
+            tokens, deepstack = self.vision.encode(self, pixels, grid)
             embeds[mask] = tokens.to(embeds.dtype)
             masks.append(mask)
             features.append(deepstack)
@@ -137,8 +139,9 @@ class Qwen3VL(nn.Module):
         mask = AttentionMask(new_mask, causal=True)
         if cache is not None:
             cache.start_step(new_mask, embeds.shape[1])
+        hook = self.vision.layer_hook if visual_mask is not None else None
         hidden = self.language_model(
-            embeds, cos[:, None], sin[:, None], mask, cache, self.attention, visual_mask, deepstack
+            embeds, cos[:, None], sin[:, None], mask, cache, self.attention, visual_mask, deepstack, hook
         )
         if cache is not None:
             cache.end_step()
@@ -163,6 +166,10 @@ class Qwen3VL(nn.Module):
             input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
         )
         positions, _ = mrope_positions(input_ids, self.config, attention_mask, image_grid_thw, video_grid_thw)
+        # A pruning vision option may drop visual rows here: the logits then cover the kept positions.
+        embeds, positions, attention_mask, visual_mask, deepstack = self.vision.before_llm(
+            self, input_ids, embeds, positions, attention_mask, visual_mask, deepstack
+        )
         return self.step(embeds, positions, attention_mask, None, visual_mask, deepstack, logits_to_keep)
 
     def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:

@@ -63,6 +63,8 @@ class TextAttention(nn.Module):
         if cache is not None:
             k, v, key_valid = cache.update(self.layer_idx, k, v)
             mask = AttentionMask(key_valid, mask.causal)
+            if getattr(cache, "observes_queries", False):  # eviction scores (H2O) need the queries
+                cache.observe(self.layer_idx, q, mask)
         out = attention.text(q, k, v, mask, self.head_dim**-0.5)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
 
@@ -109,10 +111,17 @@ class TextModel(nn.Module):
         attention,
         visual_mask: torch.Tensor | None = None,
         deepstack: list[torch.Tensor] | None = None,
+        layer_hook=None,
     ) -> torch.Tensor:
-        """Final-normed hidden states. DeepStack feature ``k`` is added after layer ``k``."""
+        """Final-normed hidden states. DeepStack feature ``k`` is added after layer ``k``.
+
+        ``layer_hook`` (the vision runtime's, see ``qwen3_vl/optim/vision/full.py``) runs before
+        every layer and may drop rows from ``x`` and everything aligned with it (token pruning).
+        """
         x = embeds
         for index, layer in enumerate(self.layers):
+            if layer_hook is not None:
+                x, cos, sin, visual_mask, deepstack = layer_hook(self, index, x, cos, sin, mask, visual_mask, deepstack)
             x = layer(x, cos, sin, mask, cache, attention)
             if deepstack and index < len(deepstack):
                 x = x.clone()

@@ -1,15 +1,35 @@
-"""Full vision extraction: the vision tower runs on every request that carries pixels. The reference."""
+"""Full vision extraction: the vision tower runs on every request that carries pixels. The reference.
+
+``FullVision`` also defines the vision runtime protocol's defaults; the other vision options
+subclass it and override only what they change:
+
+- ``encode(model, pixel_values, grid_thw) -> (tokens, deepstack)``: pixels may be on any device.
+- ``before_llm(model, input_ids, embeds, positions, attention_mask, visual_mask, deepstack)``:
+  may drop visual rows before the decoder (all five outputs must stay aligned); identity here.
+- ``layer_hook``: None, or ``hook(text_model, index, x, cos, sin, mask, visual_mask, deepstack)
+  -> (x, cos, sin, visual_mask, deepstack)`` called before every decoder layer of a prefill that
+  carries visual tokens; it may drop rows from everything aligned with ``x``.
+- ``reuses_prefix``: whether a ``qwen3_vl.session.Session`` may keep the KV of an unchanged
+  conversation prefix (False: every turn recomputes the whole conversation, the reference).
+"""
 
 from __future__ import annotations
+
+import torch
 
 from qwen3_vl.optim.plan import Optimization
 
 
 class FullVision:
     name = "full"
+    reuses_prefix = False
+    layer_hook = None
 
-    def encode(self, model, pixel_values, grid_thw):
-        return model.visual(pixel_values, grid_thw, model.attention, model.rope)
+    def encode(self, model, pixel_values: torch.Tensor, grid_thw: torch.Tensor):
+        return model.visual(pixel_values.to(model.device), grid_thw, model.attention, model.rope)
+
+    def before_llm(self, model, input_ids, embeds, positions, attention_mask, visual_mask, deepstack):
+        return embeds, positions, attention_mask, visual_mask, deepstack
 
 
 OPTION = Optimization(
