@@ -14,6 +14,7 @@ import tempfile
 import zlib
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -199,14 +200,26 @@ def _seed_for(name: str, seed: int) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
 
+def _fill_uniform_(tensor: torch.Tensor, low: float, high: float, seed: int) -> None:
+    """Seeded uniform fill, about twice as fast as ``uniform_``: numpy's SFC64 makes 64-bit words,
+    viewed as four int16 values each, converted and scaled in torch."""
+    flat = tensor.view(-1)
+    rng = np.random.Generator(np.random.SFC64(seed))
+    chunk = 1 << 26
+    for start in range(0, flat.numel(), chunk):
+        part = flat[start : start + chunk]
+        words = rng.integers(-(2**63), 2**63 - 1, size=(part.numel() + 3) // 4, dtype=np.int64, endpoint=True)
+        part.copy_(torch.from_numpy(words.view(np.int16)[: part.numel()]))
+    flat.mul_((high - low) / 65536).add_((high + low) / 2)
+
+
 def random_init_(model: nn.Module, config: Qwen3VLConfig, seed: int, dtype: torch.dtype) -> None:
     """Give every parameter of a (meta) model seeded random values, allocated in ``dtype``.
 
     Each tensor's values depend only on its name and the seed. Scales keep activations O(1):
-    weights and embeddings std (last dim)^-1/2, norm weights 1 +- 0.1, biases std 0.02. (With
-    embeddings much larger than that, a tied head makes the model repeat its input token, which
-    weakens generation tests.)
-    uniform_ is used (not normal_) because it is several times faster on CPU for large presets.
+    weights and embeddings uniform with std (last dim)^-1/2, norm weights 1 +- 0.1, biases std
+    0.02. (With embeddings much larger than that, a tied head makes the model repeat its input
+    token, which weakens generation tests.)
     """
     for module_name, module in model.named_modules():
         for pname, param in list(module._parameters.items()):
@@ -215,8 +228,6 @@ def random_init_(model: nn.Module, config: Qwen3VLConfig, seed: int, dtype: torc
             full = f"{module_name}.{pname}" if module_name else pname
             if full == "lm_head.weight" and config.tie_word_embeddings:
                 continue
-            tensor = torch.empty(param.shape, dtype=dtype)
-            gen = torch.Generator().manual_seed(_seed_for(full, seed))
             if pname == "bias":
                 std, center = 0.02, 0.0
             elif isinstance(module, (nn.LayerNorm, RMSNorm)):
@@ -224,6 +235,7 @@ def random_init_(model: nn.Module, config: Qwen3VLConfig, seed: int, dtype: torc
             else:
                 std, center = param.shape[-1] ** -0.5, 0.0
             bound = std * 3**0.5
-            tensor.uniform_(center - bound, center + bound, generator=gen)
+            tensor = torch.empty(param.shape, dtype=dtype)
+            _fill_uniform_(tensor, center - bound, center + bound, _seed_for(full, seed))
             module._parameters[pname] = nn.Parameter(tensor, requires_grad=False)
     model.tie_weights()
