@@ -201,16 +201,18 @@ def _seed_for(name: str, seed: int) -> int:
 
 
 def _fill_uniform_(tensor: torch.Tensor, low: float, high: float, seed: int) -> None:
-    """Seeded uniform fill, about twice as fast as ``uniform_``: numpy's SFC64 makes 64-bit words,
-    viewed as four int16 values each, converted and scaled in torch."""
+    """Seeded uniform fill, several times faster than ``uniform_``: numpy's SFC64 emits raw 64-bit
+    words, viewed as four int16 values each, converted and scaled in torch."""
     flat = tensor.view(-1)
-    rng = np.random.Generator(np.random.SFC64(seed))
+    bits = np.random.SFC64(seed)
     chunk = 1 << 26
     for start in range(0, flat.numel(), chunk):
         part = flat[start : start + chunk]
-        words = rng.integers(-(2**63), 2**63 - 1, size=(part.numel() + 3) // 4, dtype=np.int64, endpoint=True)
+        words = bits.random_raw((part.numel() + 3) // 4)
         part.copy_(torch.from_numpy(words.view(np.int16)[: part.numel()]))
-    flat.mul_((high - low) / 65536).add_((high + low) / 2)
+    flat.mul_((high - low) / 65536)
+    if high + low:
+        flat.add_((high + low) / 2)
 
 
 def random_init_(model: nn.Module, config: Qwen3VLConfig, seed: int, dtype: torch.dtype) -> None:
