@@ -19,7 +19,11 @@ What ``OPTION.build(model, target, **params)`` returns, per axis:
   object with ``describe() -> dict``.
 - ``quant``: rewrites the model's weight storage (module swap); returns an object with
   ``describe() -> dict``.
-- ``vision``: an object with ``encode(model, pixel_values, grid_thw) -> (tokens, deepstack)``.
+- ``vision``: an object with ``encode(model, pixel_values, grid_thw) -> (tokens, deepstack)``,
+  ``before_llm(...)`` (may drop visual rows before the decoder), ``layer_hook`` (None, or a hook
+  run before every decoder layer of a visual prefill) and ``reuses_prefix``; the defaults and
+  signatures are in ``qwen3_vl/optim/vision/full.py``. Pruning options return logits for the
+  kept positions only, so compare them to the reference at the last position.
 """
 
 from __future__ import annotations
@@ -38,6 +42,9 @@ _MODULES: tuple[str, ...] = (
     "memory.resident",
     "quant.none",
     "vision.full",
+    "vision.conditional",
+    "vision.prune_fastv",
+    "vision.prune_pre",
 )
 
 _OPTIONS: dict[tuple[str, str], Optimization] | None = None
