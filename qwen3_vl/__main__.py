@@ -32,8 +32,11 @@ def _generate(args: argparse.Namespace) -> int:
     new_tokens = out[0, inputs["input_ids"].shape[1]:].tolist()
     if processor is None:
         print(" ".join(str(t) for t in new_tokens))
-    else:
-        print(processor.tokenizer.decode(new_tokens, skip_special_tokens=True))
+        return 0
+    if args.preset:
+        print(f"note: preset '{args.preset}' has random weights and no tokenizer; text uses the byte-level "
+              "fallback tokenizer (not Qwen's vocabulary)", file=sys.stderr)
+    print(processor.tokenizer.decode(new_tokens, skip_special_tokens=True))
     return 0
 
 
@@ -49,11 +52,7 @@ def _prompt_inputs(args: argparse.Namespace, source: str) -> tuple:
         video = load_video(args.video, fps=args.video_fps, max_image_pixels=processor.config.max_image_pixels)
         content.append({"type": "video", "video": video})
     content.append({"type": "text", "text": args.prompt})
-    inputs = processor(messages=[{"role": "user", "content": content}])
-    if args.preset:
-        print(f"note: preset '{args.preset}' has random weights and no tokenizer; text uses the byte-level "
-              "fallback tokenizer (not Qwen's vocabulary)", file=sys.stderr)
-    return processor, inputs
+    return processor, processor(messages=[{"role": "user", "content": content}])
 
 
 def _human(n: float) -> str:
