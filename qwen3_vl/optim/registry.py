@@ -37,7 +37,15 @@ AXES: tuple[str, ...] = ("attention", "rope", "kv_cache", "memory", "quant", "vi
 
 _MODULES: tuple[str, ...] = (
     "attention.eager",
+    "attention.sdpa",
+    "attention.tiled",
+    "attention.flash_kv",
+    "attention.block_sparse",
+    "attention.dynamic_sparse",
     "rope.standard",
+    "rope.cached",
+    "rope.approximated",
+    "rope.interpolated",
     "kv_cache.dynamic",
     "memory.resident",
     "quant.none",
