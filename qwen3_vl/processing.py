@@ -520,8 +520,12 @@ class Processor:
         self.context_length: int | None = None
         if model_config is not None:
             v = model_config.vision
-            config = config.with_(patch_size=v.patch_size, merge_size=v.spatial_merge_size,
-                                  temporal_patch_size=v.temporal_patch_size)
+            model_geometry = (v.patch_size, v.spatial_merge_size, v.temporal_patch_size)
+            if (config.patch_size, config.merge_size, config.temporal_patch_size) != model_geometry:
+                raise ConfigError(
+                    f"preprocessing patch/merge/temporal sizes {config.patch_size}/{config.merge_size}/"
+                    f"{config.temporal_patch_size} do not match the model's {'/'.join(map(str, model_geometry))}"
+                )
             self.context_length = model_config.text.max_position_embeddings
             for token, expected in (
                 (IMAGE_PAD, model_config.image_token_id),
@@ -615,8 +619,12 @@ class Processor:
                 raise InputError("text must be a string or a non-empty list of strings")
             return texts, images, videos
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages or [])
+        if not conversations:
+            raise InputError("messages is empty")
         texts, item_images, item_videos = [], [], []
         for conversation in conversations:
+            if not isinstance(conversation, Sequence) or isinstance(conversation, (str, dict)):
+                raise InputError("messages must be a conversation (a list of message dicts) or a list of them")
             texts.append(apply_chat_template(conversation, add_generation_prompt))
             for message in conversation:
                 if isinstance(message["content"], str):

@@ -609,6 +609,15 @@ def test_processor_from_pretrained_checks_tokenizer_ids(tmp_path, tiny_checkpoin
         Processor(Tokenizer.byte_fallback(), None, bad)
 
 
+def test_processor_refuses_geometry_that_disagrees_with_the_model():
+    with pytest.raises(qwen3_vl.ConfigError, match="patch/merge/temporal sizes 14/2/2 do not match the model's 16/2/2"):
+        Processor(Tokenizer.byte_fallback(), ProcessorConfig(patch_size=14), preset("tiny"))
+    with pytest.raises(InputError, match="messages is empty"):
+        _ours()(messages=[])
+    with pytest.raises(InputError, match="exactly one of text or messages"):
+        _ours()()
+
+
 def test_preprocessor_config_files_are_read(tmp_path):
     import json
 
