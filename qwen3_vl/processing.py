@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import re
 import warnings
 from collections.abc import Iterator, Sequence
@@ -325,7 +326,7 @@ def load_video(source: Any, fps: float | None = None, max_image_pixels: int = DE
                          f"got {type(source).__name__}")
     if fps is None:
         raise InputError("the video's frame rate is unknown; pass fps (frames per second of the source)")
-    if not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
+    if not (isinstance(fps, numbers.Real) and math.isfinite(fps) and fps > 0):
         raise InputError(f"video fps must be a positive number, got {fps!r}")
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3:
@@ -343,7 +344,8 @@ def _read_video_file(path: Path, max_image_pixels: int) -> tuple[np.ndarray, flo
         if not path.is_file():
             raise InputError(f"video {path}: no such file")
         try:
-            return np.load(path, allow_pickle=False), None
+            # Memory-mapped: only the sampled frames are ever read.
+            return np.load(path, mmap_mode="r", allow_pickle=False), None
         except (ValueError, OSError) as exc:
             raise InputError(f"video {path} is not a readable .npy array: {exc}") from None
     if not path.is_file():
