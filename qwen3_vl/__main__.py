@@ -44,8 +44,16 @@ def _prompt_inputs(args: argparse.Namespace, source: str) -> tuple:
     """The chat-formatted prompt with its images/video, as model inputs (and the processor for decoding)."""
     from qwen3_vl.processing import Processor, load_video
 
+    min_pixels, max_pixels = args.min_pixels, args.max_pixels
+    if args.pixel_budget:  # a hardware profile's image-size budget; explicit bounds still win
+        from qwen3_vl.optim.vision.budget import pixel_budget
+
+        budget = pixel_budget(args.pixel_budget, min_pixels, max_pixels, device=args.device)
+        min_pixels, max_pixels = budget.min_pixels, budget.max_pixels
+        if args.verbose:
+            print(f"pixel budget: {min_pixels}..{max_pixels} pixels ({budget.source})", file=sys.stderr)
     processor = Processor.from_pretrained(
-        source, min_pixels=args.min_pixels, max_pixels=args.max_pixels, max_image_pixels=args.max_image_pixels
+        source, min_pixels=min_pixels, max_pixels=max_pixels, max_image_pixels=args.max_image_pixels
     )
     content = [{"type": "image", "image": path} for path in args.image or []]
     if args.video:
@@ -97,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--video-fps", type=float, help="source frame rate of --video (needed for .npy)")
     gen.add_argument("--min-pixels", type=int, help="lower bound of the resized image area (default 65536)")
     gen.add_argument("--max-pixels", type=int, help="upper bound of the resized image area (default 16777216)")
+    gen.add_argument("--pixel-budget", metavar="PROFILE",
+                     help="take min/max pixels from a hardware profile (e.g. cpu-avx2, sm61-laptop) or 'auto' "
+                     "(this machine's); --min-pixels/--max-pixels override it")
     gen.add_argument("--max-image-pixels", type=int,
                      help="refuse larger source images (decompression-bomb guard; default 89478485)")
     gen.add_argument("--max-new-tokens", type=int, default=32)

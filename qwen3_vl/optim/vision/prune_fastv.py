@@ -55,7 +55,10 @@ class FastV(FullVision):
         if not 1 <= layer < num_layers:
             raise ValueError(f"prune_fastv: layer K must be in [1, {num_layers - 1}], got {layer}")
         self.layer, self.ratio = int(layer), check_ratio("prune_fastv", ratio)
-        self.kept: int | None = None  # visual tokens kept per row by the last pruned prefill
+        # The last pruned prefill: visual tokens kept per row, and the original position of every
+        # position layers K.. saw ([B, L']).
+        self.kept: list[int] | None = None
+        self.index: torch.Tensor | None = None
         self._scores: torch.Tensor | None = None
         # At ratio 1 nothing is dropped: no hook at all, so the computation is exactly full's.
         self.layer_hook = self.prune if self.ratio < 1.0 else None
@@ -70,12 +73,12 @@ class FastV(FullVision):
             n = same_count_per_row("prune_fastv", visual_mask.sum(1))
             k = keep_count(n, self.ratio)
             top = scores.masked_fill(~visual_mask, float("-inf")).topk(k, dim=1).indices
-            index_kept = keep_indices((~visual_mask).scatter(1, top, True))
+            index_kept, _ = keep_indices((~visual_mask).scatter(1, top, True))  # equal counts: no filler
             rows = kept_visual_rows(visual_mask, index_kept)
             x, cos, sin = take(x, index_kept, 1), take(cos, index_kept, 2), take(sin, index_kept, 2)
             visual_mask = take(visual_mask, index_kept, 1)
             deepstack = [d[rows] for d in deepstack] if deepstack else deepstack
-            self.kept = k
+            self.kept, self.index = [k] * x.shape[0], index_kept
         return x, cos, sin, visual_mask, deepstack
 
 

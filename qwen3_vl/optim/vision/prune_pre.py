@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from qwen3_vl.optim.plan import Optimization
 from qwen3_vl.optim.vision.full import FullVision
-from qwen3_vl.optim.vision.pruning import check_ratio, keep_count, keep_indices, same_count_per_row, take
+from qwen3_vl.optim.vision.pruning import check_ratio, keep_count, keep_indices, take
 
 METHODS = ("attention", "diversity")
 
@@ -82,7 +82,10 @@ class PrunePre(FullVision):
         if method not in METHODS:
             raise ValueError(f"prune_pre: method must be one of {', '.join(METHODS)}, got {method!r}")
         self.ratio, self.method, self.merge = check_ratio("prune_pre", ratio), method, bool(merge)
-        self.kept: int | None = None  # visual tokens kept per row by the last pruned prompt
+        # The last pruned prompt: visual tokens kept per row, and the original position of every
+        # position the decoder saw ([B, L'], -1 where a shorter row was left-filled).
+        self.kept: list[int] | None = None
+        self.index: torch.Tensor | None = None
         # One record per encode of the request being embedded: (grid, per-token scores or None).
         self._records: list[tuple[torch.Tensor, torch.Tensor | None]] = []
 
@@ -139,17 +142,20 @@ class PrunePre(FullVision):
 
         keep_seq = ~visual_mask
         keep_seq[visual_mask] = keep
-        self.kept = same_count_per_row("prune_pre", keep_seq.sum(1) - (~visual_mask).sum(1))
         if self.merge:
             embeds = embeds.clone()
             embeds[visual_mask] = _average_into(features, target)
             deepstack = [_average_into(d, target) for d in deepstack]
-        index = keep_indices(keep_seq)
+        # Rows that keep fewer tokens (images of different sizes) are left-filled and masked like padding.
+        index, filler = keep_indices(keep_seq)
+        valid = ~filler if attention_mask is None else take(attention_mask.to(device).bool(), index, 1) & ~filler
+        self.kept = (keep_seq & visual_mask).sum(1).tolist()
+        self.index = index.masked_fill(filler, -1)
         embeds = take(embeds, index, 1)
         positions = take(positions, index, 2, batch_dim=1)
-        attention_mask = None if attention_mask is None else take(attention_mask.to(device), index, 1)
+        visual_mask = take(visual_mask, index, 1) & ~filler
         deepstack = [d[keep] for d in deepstack]
-        return embeds, positions, attention_mask, take(visual_mask, index, 1), deepstack
+        return embeds, positions, None if bool(valid.all()) else valid.long(), visual_mask, deepstack
 
 
 def _average_into(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -37,9 +37,16 @@ def same_count_per_row(option: str, counts: torch.Tensor) -> int:
     return int(values[0])
 
 
-def keep_indices(keep: torch.Tensor) -> torch.Tensor:
-    """[B, L] bool with equal row sums -> [B, L'] ascending indices of the kept positions."""
-    return keep.nonzero()[:, 1].view(keep.shape[0], -1)
+def keep_indices(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, L] bool -> (index [B, W], filler [B, W]): each row's kept positions in order, right-aligned.
+
+    ``W`` is the largest row count; a row that keeps fewer is left-filled with some of its dropped
+    positions, flagged in ``filler`` so they can be masked out like left padding.
+    """
+    width = int(keep.sum(1).max())
+    order = torch.sort(keep.int(), dim=1, stable=True).indices  # dropped first, then kept, each in order
+    index = order[:, keep.shape[1] - width :]
+    return index, ~keep.gather(1, index)
 
 
 def take(t: torch.Tensor, index: torch.Tensor, dim: int, batch_dim: int = 0) -> torch.Tensor:
