@@ -7,6 +7,8 @@ import sys
 
 import torch
 
+from qwen3_vl.hardware.profiles import PROFILES
+
 
 def _generate(args: argparse.Namespace) -> int:
     import qwen3_vl
@@ -24,11 +26,15 @@ def _generate(args: argparse.Namespace) -> int:
             inputs = {"input_ids": torch.tensor([[int(t) for t in args.prompt_ids.split(",")]])}
         except ValueError:
             raise ValueError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
-    model = qwen3_vl.from_pretrained(source, dtype=args.dtype, device=args.device, plan=args.plan, seed=args.seed)
+    model = qwen3_vl.from_pretrained(source, dtype=args.dtype, device=args.device, plan=args.plan, seed=args.seed,
+                                     emulate=args.emulate)
     if args.verbose:
+        print(model.hardware.report(), file=sys.stderr)
         print(model.plan_report(), file=sys.stderr)
     out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                          temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    if args.verbose and hasattr(model.attention, "describe"):  # which kernels actually ran
+        print(f"attention: {model.attention.describe()}", file=sys.stderr)
     new_tokens = out[0, inputs["input_ids"].shape[1]:].tolist()
     if processor is None:
         print(" ".join(str(t) for t in new_tokens))
@@ -89,6 +95,30 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hardware(args: argparse.Namespace) -> int:
+    from qwen3_vl.hardware.auto import choose
+    from qwen3_vl.hardware.detect import detect_machine
+
+    machine = detect_machine()
+    flags = " ".join(sorted(machine.cpu_flags)) or "none detected"
+    print(f"cpu:     {machine.cpu_name}, {machine.physical_cores} cores / {machine.logical_cores} threads, "
+          f"ISA {machine.isa} ({flags}), RAM {_human(machine.ram_bytes)}")
+    for gpu in machine.gpus:
+        cc = ".".join(map(str, gpu.compute_capability))
+        print(f"gpu {gpu.index}:   {gpu.name}, compute capability {cc}, {_human(gpu.memory_bytes)}")
+    if not machine.gpus:
+        print(f"gpu:     none visible to PyTorch {torch.__version__}")
+    choice = choose(args.device, "auto", "auto")
+    p = choice.profile
+    print(choice.report())
+    print(f"dtype policy: {p.dtype}; SDPA kernels: {', '.join(p.sdpa_backends)}; tiles: {dict(p.tiles)}; "
+          f"max visual tokens per image: {p.max_visual_tokens}")
+    print(f"auto plan: {choice.plan.short_id}")
+    for fb in choice.skipped:
+        print(f"  skipped {fb}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qwen3_vl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -114,9 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--device", default="cpu")
-    gen.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
-    gen.add_argument("--plan", default=None, help="plan id, e.g. attention=sdpa,kv_cache=static")
+    gen.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto")
+    gen.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16", "auto"],
+                     help="fp16 = fp16 storage, fp32 compute; auto = the hardware profile's policy")
+    gen.add_argument("--plan", default=None,
+                     help="plan id, e.g. attention=sdpa,kv_cache=static; 'auto' = best plan for this hardware")
+    gen.add_argument("--emulate", default=None, choices=sorted(PROFILES),
+                     help="apply a hardware profile's constraints on this (stronger) machine")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--verbose", action="store_true", help="print the plan report (fallbacks and reasons)")
     gen.set_defaults(func=_generate)
@@ -126,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     isrc.add_argument("--preset")
     isrc.add_argument("--model")
     info.set_defaults(func=_info)
+
+    hw = sub.add_parser("hardware", help="the detected machine, its hardware profile and the auto plan")
+    hw.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto")
+    hw.set_defaults(func=_hardware)
 
     args = parser.parse_args(argv)
     from qwen3_vl import CheckpointError, ConfigError, InputError, PlanError
