@@ -209,6 +209,8 @@ def check_grid(kind: str, pixels: torch.Tensor, grid: torch.Tensor, config: Qwen
     v = config.vision
     if grid.ndim != 2 or grid.shape[1] != 3:
         raise InputError(f"{kind}_grid_thw must be [n, 3], got {tuple(grid.shape)}")
+    if grid.shape[0] == 0:
+        raise InputError(f"{kind}_grid_thw has no rows; pass None when there is no {kind}")
     if bool((grid <= 0).any()):
         raise InputError(f"{kind}_grid_thw has a zero or negative size: {grid.tolist()}")
     if bool((grid[:, 1:] % v.spatial_merge_size != 0).any()):

@@ -57,6 +57,10 @@ def detected_profile(device: str = "cpu"):
     from qwen3_vl.hardware.device import target_for
     from qwen3_vl.hardware.profiles import profile_for
 
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     return profile_for(detect_machine(), target_for(device))[0]
 
 

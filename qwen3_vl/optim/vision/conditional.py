@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,7 @@ class VisionCache:
         self.disk_dir = Path(disk_dir) if disk_dir else None
         self.disk_max_bytes = disk_max_bytes
         self._model_id = model_id  # called lazily: fingerprinting the weights costs a pass over them
+        self._clock = 0  # last access time given to a disk file (ns), strictly increasing
         if self.disk_dir is not None:
             self.disk_dir.mkdir(parents=True, exist_ok=True)
 
@@ -146,7 +148,7 @@ class VisionCache:
                 return None
             count = int(meta["deepstack"])
             entry = Entry(identity, f.get_tensor("tokens"), [f.get_tensor(f"deepstack.{i}") for i in range(count)])
-        os.utime(path)  # the disk tier evicts by least recent use, tracked by mtime
+        self._touch(path)
         return entry
 
     def _write_disk(self, key: str, entry: Entry) -> None:
@@ -164,14 +166,22 @@ class VisionCache:
             os.replace(partial, final)  # atomic: readers never see a half-written file
         finally:
             partial.unlink(missing_ok=True)
+        self._touch(final)
         self.stats["disk_writes"] += 1
-        files = sorted(self.disk_dir.glob("*.safetensors"), key=lambda p: p.stat().st_mtime)
+        files = sorted(self.disk_dir.glob("*.safetensors"), key=lambda p: p.stat().st_mtime_ns)
         total = sum(p.stat().st_size for p in files)
         for path in files:
             if total <= self.disk_max_bytes:
                 break
             total -= path.stat().st_size
             path.unlink(missing_ok=True)
+
+
+    def _touch(self, path: Path) -> None:
+        """The disk tier evicts by least recent use, kept in mtime (made strictly increasing here,
+        so accesses within one clock tick stay ordered)."""
+        self._clock = max(time.time_ns(), self._clock + 1)
+        os.utime(path, ns=(self._clock, self._clock))
 
 
 def model_fingerprint(model) -> str:
