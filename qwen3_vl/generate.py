@@ -97,10 +97,6 @@ def generate(
     positions, deltas = mrope_positions(input_ids, config, attention_mask, image_grid_thw, video_grid_thw)
     real_len = prompt_len if attention_mask is None else attention_mask.to("cpu").long().sum(1)
     next_position = (torch.as_tensor(real_len) + deltas.cpu()).to(device).view(1, batch, 1)
-    # Pruned visual rows keep their original positions, so decoding continues from next_position.
-    embeds, positions, attention_mask, visual_mask, deepstack = model.vision.before_llm(
-        model, input_ids, embeds, positions, attention_mask, visual_mask, deepstack
-    )
     if streamer is not None:
         streamer.put(input_ids.cpu())
 

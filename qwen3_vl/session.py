@@ -126,12 +126,9 @@ class Session:
         embeds, visual_mask, deepstack = model.embed(suffix, pix, grid, vpix, vgrid)
         positions, _ = mrope_positions(suffix, config, None, grid, vgrid)
         positions = positions + self.next_position
-        embeds, positions, _, visual_mask, deepstack = model.vision.before_llm(
-            model, suffix, embeds, positions, None, visual_mask, deepstack
-        )
         logits = model.step(embeds, positions, None, self.cache, visual_mask, deepstack, logits_to_keep=1)
         self.ids, self.images, self.videos = tokens, images, videos
-        self.next_position = int(positions.max()) + 1
+        self.next_position = int(positions.max()) + 1  # pruning keeps positions: the unpruned maximum
         self.last_prefill = {"reused": held, "prefilled": suffix.shape[1]}
         return logits[:, -1]
 

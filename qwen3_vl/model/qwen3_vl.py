@@ -106,6 +106,7 @@ class Qwen3VL(nn.Module):
             embeds[mask] = tokens.to(embeds.dtype)
             masks.append(mask)
             features.append(deepstack)
+        self.vision.after_embed(self, ids)
         if not masks:
             return embeds, None, None
         if len(masks) == 1:
@@ -132,6 +133,10 @@ class Qwen3VL(nn.Module):
     ) -> torch.Tensor:
         """Run the decoder on ``embeds`` at 3D ``positions``; logits for the last ``logits_to_keep``
         positions (all when 0). With a cache, the new tokens are appended to it."""
+        if visual_mask is not None:  # a pruning vision option may drop visual rows here
+            embeds, positions, attention_mask, visual_mask, deepstack = self.vision.before_llm(
+                self, embeds, positions, attention_mask, visual_mask, deepstack
+            )
         new_mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
             new_mask = attention_mask.to(self.device).bool()
@@ -166,10 +171,6 @@ class Qwen3VL(nn.Module):
             input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
         )
         positions, _ = mrope_positions(input_ids, self.config, attention_mask, image_grid_thw, video_grid_thw)
-        # A pruning vision option may drop visual rows here: the logits then cover the kept positions.
-        embeds, positions, attention_mask, visual_mask, deepstack = self.vision.before_llm(
-            self, input_ids, embeds, positions, attention_mask, visual_mask, deepstack
-        )
         return self.step(embeds, positions, attention_mask, None, visual_mask, deepstack, logits_to_keep)
 
     def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:

@@ -14,8 +14,8 @@ The cache key is a SHA-256 over a header (pixel shape and dtype, grid, compute d
 bytes. Each entry also stores that header and a BLAKE2b digest of the bytes, compared on every
 hit: a key collision (or a crafted one) is a miss, never another image's features.
 
-A request's new entries are committed in ``before_llm``, after the prompt has been validated
-against the grids, so a bad request caches nothing.
+A request's new entries are committed when its decoder step starts (``before_llm``), after the
+prompt has been checked against the grids, so a bad request caches nothing.
 """
 
 from __future__ import annotations
@@ -209,28 +209,33 @@ class ConditionalVision(FullVision):
             return fingerprint[0]
 
         self.cache = VisionCache(int(cache_mb * MiB), disk_dir or None, int(disk_mb * MiB), model_id)
-        # One record per encode of the request being embedded: (key, identity, outputs), or None for a hit.
-        self._pending: list[tuple | None] = []
+        # One record per encode since the last embed: (key, identity, tokens, deepstack), or None for a hit.
+        self._records: list[tuple | None] = []
+        self._request: list[tuple | None] = []  # the last embedded prompt's records, committed by its step
 
     def encode(self, model, pixel_values, grid_thw):
         key, identity = content_key(pixel_values, grid_thw, model.visual.compute_dtype)
         found = self.cache.get(key, identity, model.device)
         if found is not None:
-            self._pending.append(None)
+            self._records.append(None)
             return found
         tokens, deepstack = super().encode(model, pixel_values, grid_thw)
-        self._pending.append((key, identity, tokens, deepstack))
+        self._records.append((key, identity, tokens, deepstack))
         return tokens, deepstack
 
-    def before_llm(self, model, input_ids, embeds, positions, attention_mask, visual_mask, deepstack):
-        # The request's records are the last ones (one per visual kind in its prompt); older ones
-        # belong to requests that failed after encoding and are dropped.
-        ids = input_ids.to(model.device)
-        kinds = int((ids == model.config.image_token_id).any()) + int((ids == model.config.video_token_id).any())
-        for record in self._pending[max(0, len(self._pending) - kinds):] if kinds else ():
+    def after_embed(self, model, input_ids) -> None:
+        # The prompt's records are the last ones (one per visual kind it holds); older ones belong to
+        # an embed that failed after encoding and are dropped.
+        kinds = sum(int((input_ids == t).any()) for t in (model.config.image_token_id, model.config.video_token_id))
+        self._request = self._records[max(0, len(self._records) - kinds):] if kinds else []
+        self._records = []
+
+    def before_llm(self, model, embeds, positions, attention_mask, visual_mask, deepstack):
+        # Reached only once the prompt has been checked against the grids (positions exist).
+        for record in self._request:
             if record is not None:
                 self.cache.put(*record)
-        self._pending.clear()
+        self._request = []
         return embeds, positions, attention_mask, visual_mask, deepstack
 
 

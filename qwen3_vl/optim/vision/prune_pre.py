@@ -86,8 +86,11 @@ class PrunePre(FullVision):
         # position the decoder saw ([B, L'], -1 where a shorter row was left-filled).
         self.kept: list[int] | None = None
         self.index: torch.Tensor | None = None
-        # One record per encode of the request being embedded: (grid, per-token scores or None).
+        # One record per encode since the last embed: (grid, per-token scores or None).
         self._records: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        # The last embedded prompt's visual rows (row-major): which image / video frame each belongs
+        # to, and its score; consumed by that prompt's step.
+        self._units: tuple[torch.Tensor, torch.Tensor, int] | None = None
 
     def encode(self, model, pixel_values, grid_thw):
         if self.method != "attention" or self.ratio >= 1.0:
@@ -100,28 +103,35 @@ class PrunePre(FullVision):
         self._records.append((grid_thw.cpu(), recorder.received.view(-1, merge).mean(1)))
         return tokens, deepstack
 
-    def before_llm(self, model, input_ids, embeds, positions, attention_mask, visual_mask, deepstack):
-        records, self._records = self._records, []
-        if visual_mask is None or self.ratio >= 1.0:
-            return embeds, positions, attention_mask, visual_mask, deepstack
-        config, device = model.config, embeds.device
-        ids = input_ids.to(device)
-        kinds = [t for t in (config.image_token_id, config.video_token_id) if bool((ids == t).any())]
-        records = records[len(records) - len(kinds):]  # older records: requests that failed mid-way
-        visual_ids = ids[visual_mask]
-        n = visual_ids.shape[0]
-        unit = torch.empty(n, dtype=torch.long, device=device)  # which image / video frame a visual row is
-        score = torch.zeros(n, dtype=torch.float32, device=device)
-        units = 0
-        merge = config.vision.spatial_merge_size ** 2
+    def after_embed(self, model, input_ids) -> None:
+        records, self._records, self._units = self._records, [], None
+        config = model.config
+        kinds = [t for t in (config.image_token_id, config.video_token_id) if bool((input_ids == t).any())]
+        if not kinds:
+            return
+        records = records[max(0, len(records) - len(kinds)):]  # older ones: an embed that failed mid-way
+        visual_ids = input_ids[(input_ids == config.image_token_id) | (input_ids == config.video_token_id)]
+        unit = torch.empty(visual_ids.shape[0], dtype=torch.long)
+        score = torch.zeros(visual_ids.shape[0], dtype=torch.float32)
+        units, merge = 0, config.vision.spatial_merge_size ** 2
         for token, (grid, scores) in zip(kinds, records, strict=True):
             sizes = torch.tensor([h * w // merge for t, h, w in grid.tolist() for _ in range(t)])
-            rows = visual_ids == token
-            unit[rows] = torch.repeat_interleave(torch.arange(len(sizes)) + units, sizes).to(device)
+            rows = (visual_ids == token).cpu()
+            unit[rows] = torch.repeat_interleave(torch.arange(len(sizes)) + units, sizes)
             if scores is not None:
-                score[rows] = scores.to(device)
+                score[rows] = scores.cpu()
             units += len(sizes)
+        self._units = (unit, score, units)
 
+    def before_llm(self, model, embeds, positions, attention_mask, visual_mask, deepstack):
+        prompt, self._units = self._units, None
+        if self.ratio >= 1.0:
+            return embeds, positions, attention_mask, visual_mask, deepstack
+        n = int(visual_mask.sum())
+        if prompt is None or prompt[0].shape[0] != n:
+            raise RuntimeError("prune_pre: a step's visual tokens must be those of the last embedded prompt, whole")
+        device = embeds.device
+        unit, score, units = prompt[0].to(device), prompt[1].to(device), prompt[2]
         features = embeds[visual_mask]
         keep = torch.zeros(n, dtype=torch.bool, device=device)
         target = torch.arange(n, device=device)  # the kept row each row is merged into
