@@ -1,0 +1,173 @@
+"""Command line: ``python -m harness fingerprint|matrix|imports|validate|golden``.
+
+Exit codes (every command): 0 success, 1 a check failed, 2 the harness could not run as asked (bad
+input, missing device, unwritable results directory) with one line on stderr saying why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+
+from harness.validate import EXIT_ERROR, EXIT_FAILED, EXIT_OK, HarnessError
+
+
+def _fingerprint(args: argparse.Namespace) -> int:
+    from harness.fingerprint import collect
+
+    fp = collect()
+    print(fp["id"] if args.id_only else json.dumps(fp, indent=2, sort_keys=True, default=str))
+    return EXIT_OK
+
+
+def _matrix(args: argparse.Namespace) -> int:
+    from harness import matrix
+    from qwen3_vl.hardware.device import target_for
+    from qwen3_vl.optim import PlanError
+
+    try:
+        target = target_for(args.device, args.dtype)
+        index, count = matrix.parse_shard(args.shard)
+        filters = [matrix.parse_option(o) for o in args.only]
+        combos = matrix.only(matrix.build(args.mode, target), filters)
+    except (ValueError, PlanError) as exc:  # PlanError is a ValueError; named for the reader
+        raise HarnessError(str(exc)) from None
+    mine = matrix.shard(combos, index, count)
+    if args.json:
+        print(json.dumps([{"plan_id": c.plan.id, "plan": c.plan.short_id, "status": c.status, "reason": c.reason}
+                          for c in mine], indent=1))
+    else:
+        for c in mine:
+            status = "run" if c.runnable else f"skipped: {c.reason}"
+            print(f"{c.plan.short_id:<60} {status}\n    {c.plan.id}")
+    runnable = sum(c.runnable for c in mine)
+    print(f"{len(mine)} combination(s) ({args.mode}, {target.device}/{target.dtype}, shard {index}/{count}): "
+          f"{runnable} to run, {len(mine) - runnable} skipped", file=sys.stderr)
+    return EXIT_OK
+
+
+def _imports(args: argparse.Namespace) -> int:
+    from harness import imports
+
+    root = Path(args.root).resolve()
+    if not root.is_dir():
+        raise HarnessError(f"--root '{args.root}' is not a directory")
+    modules = imports.discover(root) if not args.modules else args.modules
+    if not modules:
+        raise HarnessError(f"no modules of {', '.join(imports.PACKAGES)} under {root}")
+    failed = 0
+    for r in imports.check_all(modules, root=root):
+        failed += not r.ok
+        print(f"{'ok  ' if r.ok else 'FAIL'} {r.describe()}")
+    print(f"{len(modules) - failed} of {len(modules)} module(s) import", file=sys.stderr)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from harness import settings, validate
+
+    try:
+        config = settings.load()
+    except ValueError as exc:
+        raise HarnessError(str(exc)) from None
+    if args.budget_s is not None:
+        config = config.replace(budget_s=args.budget_s)
+    opts = validate.Options(
+        preset=args.preset, mode=args.mode, device=args.device, dtype=args.dtype, shard=args.shard,
+        suites=args.suites.split(","), results_dir=args.results_dir, plans=args.plan, only=args.only,
+        run_id=args.run_id, settings=config,
+    )
+    return validate.main(opts)
+
+
+def _golden(args: argparse.Namespace) -> int:
+    from harness import golden
+
+    if args.write:
+        try:
+            print(golden.write(args.preset))
+        except RuntimeError as exc:
+            raise HarnessError(str(exc)) from None
+        return EXIT_OK
+    import qwen3_vl
+
+    gold = golden.load(args.preset)
+    if gold is None:
+        raise HarnessError(f"no golden outputs for preset '{args.preset}' (write them with --write)")
+    failed = 0
+    for case, m in golden.compare(golden.record(qwen3_vl.from_pretrained(args.preset, seed=golden.SEED)), gold):
+        failed += m.status == "failed"
+        print(f"{m.status:<6} {case} {m.metric} = {m.value:.3g}" + (f"  ({m.error})" if m.error else ""))
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m harness", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    fp = sub.add_parser("fingerprint", help="print this machine's hardware/software fingerprint as JSON")
+    fp.add_argument("--id-only", action="store_true", help="print only the fingerprint id")
+    fp.set_defaults(func=_fingerprint)
+
+    mx = sub.add_parser("matrix", help="list every combination with its plan id and status")
+    mx.add_argument("--mode", default="full", choices=["full", "pairwise"])
+    mx.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    mx.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    mx.add_argument("--shard", default="1/1", help="i/n: only the i-th of n disjoint parts (1-based)")
+    mx.add_argument("--only", action="append", default=[], metavar="AXIS=OPTION",
+                    help="keep combinations using this option (repeatable)")
+    mx.add_argument("--json", action="store_true")
+    mx.set_defaults(func=_matrix)
+
+    im = sub.add_parser("imports", help="import every module in a fresh process; exit 1 on any failure")
+    im.add_argument("--root", default=str(Path(__file__).resolve().parent.parent),
+                    help="project root holding qwen3_vl/, harness/, suites/ (default: this checkout)")
+    im.add_argument("modules", nargs="*", help="dotted module names (default: all found under --root)")
+    im.set_defaults(func=_imports)
+
+    va = sub.add_parser("validate", help="run the suites over the matrix and store the results")
+    va.add_argument("--preset", default="tiny")
+    va.add_argument("--mode", default="full", choices=["full", "pairwise"])
+    va.add_argument("--device", default="auto", help="auto (CPU, and CUDA when present), cpu, cuda or cuda:N")
+    va.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    va.add_argument("--shard", default="1/1", help="i/n: run only the i-th of n disjoint parts (1-based)")
+    va.add_argument("--suites", default="imports,numerics,latency,memory", help="comma-separated")
+    va.add_argument("--results-dir", default="results")
+    va.add_argument("--plan", action="append", default=[], metavar="PLAN_ID",
+                    help="validate this plan instead of the matrix (repeatable)")
+    va.add_argument("--only", action="append", default=[], metavar="AXIS=OPTION",
+                    help="keep matrix combinations using this option (repeatable)")
+    va.add_argument("--run-id", default=None, help="name the run (shards of one fleet run share it)")
+    va.add_argument("--budget-s", type=float, default=None,
+                    help="wall-clock budget; over it latency runs on the pairwise subset (0: no budget)")
+    va.set_defaults(func=_validate)
+
+    go = sub.add_parser("golden", help="check the reference plan against the stored transformers outputs")
+    go.add_argument("--preset", default="tiny")
+    go.add_argument("--write", action="store_true", help="re-record them from transformers (needs transformers)")
+    go.set_defaults(func=_golden)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except HarnessError as exc:
+        print(f"harness: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("harness: interrupted; nothing written", file=sys.stderr)
+        return 130
+    except Exception:  # a bug in the harness, not a failed check: exit 2 with the traceback
+        traceback.print_exc()
+        print("harness: error: the harness itself failed (traceback above)", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,436 @@
+"""Numerical contracts: every plan against the reference plan, and the invariants every plan must keep.
+
+Rules (the project's bar):
+
+- Exact plans (every option exact): fp32 relative error ``max|ours - ref| / max|ref| <= 1e-5``. In
+  fp16/bf16 the FlashAttention rule: the plan's error against an fp32 reference may be at most twice
+  the error of the reference plan computed in the same dtype against that fp32 reference.
+- Approximate plans: every metric of the declared ``error_budget`` is measured and checked (a plan
+  with several approximate options gets their budgets added: errors add to first order).
+- Invariants, for every plan: causality (changing later tokens never changes earlier logits), batch
+  independence, padding invariance, cache equivalence (prefill + decode == one full forward) and
+  determinism (the same input twice gives bitwise the same logits). An invariant error must stay
+  within ``max(floor(dtype), 2 x the reference plan's own error on the same input)``.
+
+``check_plan`` runs these as a hypothesis property over generated prompts (batch, lengths, images,
+padding, cut points, decode steps, dtypes); ``compare_models`` is the whole-model check of one model
+against the reference on one fixed prompt (the accuracy suite).
+"""
+
+from __future__ import annotations
+
+import math
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+from hypothesis.errors import FlakyFailure
+
+from harness.results import Measurement
+from harness.workload import (
+    TEXT_VOCAB,
+    Prompt,
+    PromptSpec,
+    RowSpec,
+    build_prompt,
+    extended,
+    generate,
+    left_padded,
+    single_row,
+)
+from qwen3_vl.optim import Plan, get, reference_plan
+
+EXACT_FP32 = 1e-5
+# Error allowed in a check whatever the reference does; fp16 here is fp16 *storage* with fp32 compute.
+FLOOR = {"fp32": 1e-5, "fp16": 1e-5, "bf16": 2e-2}
+HIGHER_IS_BETTER = frozenset({"top1_agreement", "greedy_match"})
+MEASURED = ("logits_rel", "logits_max_abs", "kl", "kl_max", "top1_agreement", "greedy_match")
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max|out - ref| / max|ref| (inf when shapes differ, nan-safe)."""
+    if out.shape != ref.shape:
+        return math.inf
+    out, ref = out.double(), ref.double()
+    err = (out - ref).abs().max().item()
+    return err / max(ref.abs().max().item(), 1e-30) if math.isfinite(err) else math.inf
+
+
+def logit_metrics(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    """[N, V] logits of a plan vs the reference at the same N positions."""
+    out, ref = out.float(), ref.float()
+    logp_ref, logp_out = ref.log_softmax(-1), out.log_softmax(-1)
+    kl = (logp_ref.exp() * (logp_ref - logp_out)).sum(-1).clamp_min(0)
+    return {
+        "logits_rel": rel_error(out, ref),
+        "logits_max_abs": (out - ref).abs().max().item(),
+        "kl": kl.mean().item(),
+        "kl_max": kl.max().item(),
+        "top1_agreement": (out.argmax(-1) == ref.argmax(-1)).float().mean().item(),
+    }
+
+
+def plan_budget(plan: Plan) -> tuple[bool, dict[str, float]]:
+    """(every option exact, combined budget). Budgets of several approximate options add up: lower-is-
+    better metrics sum, agreement metrics lose the sum of their shortfalls."""
+    budget: dict[str, float] = {}
+    exact = True
+    for axis, choice in plan.choices:
+        opt = get(axis, choice.name)
+        exact &= opt.exact
+        for metric, bound in opt.error_budget.items():
+            if metric in HIGHER_IS_BETTER:
+                budget[metric] = budget.get(metric, 1.0) - (1.0 - bound)
+            else:
+                budget[metric] = budget.get(metric, 0.0) + bound
+    return exact, budget
+
+
+def _within(metric: str, value: float, bound: float) -> bool:
+    if not math.isfinite(value):
+        return False
+    return value >= bound if metric in HIGHER_IS_BETTER else value <= bound
+
+
+def _measure(metric: str, value: float, bound: float | None, unit: str = "", what: str = "") -> Measurement:
+    better = "higher" if metric in HIGHER_IS_BETTER else "lower"
+    if bound is None:
+        return Measurement(metric, value, unit, better=better)
+    ok = _within(metric, value, bound)
+    error = "" if ok else f"{what or metric} = {value:.3g}, {'below' if better == 'higher' else 'above'} {bound:.3g}"
+    return Measurement(metric, value, unit, status="ok" if ok else "failed", error=error, bound=bound, better=better)
+
+
+# ---------------------------------------------------------------------------------------------
+# Logits a plan and the reference can be compared on
+
+
+def _forward(model, prompt: Prompt) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(prompt.input_ids, **prompt.inputs()).float().cpu()
+
+
+def comparable(ours: torch.Tensor, theirs: torch.Tensor, prompt: Prompt) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both [N, V]: the logits at every real position, or, when either side returned fewer positions than
+    the prompt has (a pruning option keeps only some visual rows), each row's last position only."""
+    if ours.shape[1] == theirs.shape[1] == prompt.length:
+        return ours[prompt.valid()], theirs[prompt.valid()]
+    return ours[:, -1], theirs[:, -1]
+
+
+def decode_pairs(ours: torch.Tensor, theirs: torch.Tensor, our_tokens: torch.Tensor, their_tokens: torch.Tensor):
+    """Step logits of two greedy decodes, [B, N, V] each, flattened to the steps both took from the same
+    context: every step up to and including the first one whose chosen tokens differ, per row."""
+    keep = torch.ones(our_tokens.shape, dtype=torch.bool)
+    differs = (our_tokens != their_tokens).int()
+    before = differs.cumsum(1) - differs  # how many differing tokens came strictly before each step
+    keep &= before == 0
+    return ours[keep], theirs[keep]
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole-model comparison on one prompt (the accuracy suite, per combination)
+
+
+def _reference_outputs(reference, prompt: Prompt, new_tokens: int, fp32_reference, memo: dict | None) -> dict:
+    """What the reference contributes to every comparison on this prompt (computed once per run)."""
+    key = ("reference_outputs", id(reference), prompt.spec, new_tokens)
+    if memo is not None and key in memo:
+        return memo[key]
+    tokens, steps, _ = generate(reference, prompt, new_tokens)
+    out = {"prefill": _forward(reference, prompt), "tokens": tokens, "steps": steps}
+    if fp32_reference is not None:
+        out["prefill_fp32"] = _forward(fp32_reference(), prompt)
+    if memo is not None:
+        memo[key] = out
+    return out
+
+
+def compare_models(model, reference, prompt: Prompt, new_tokens: int, fp32_reference=None, memo: dict | None = None
+                   ) -> list[tuple[str, Measurement]]:
+    """``model`` vs ``reference`` (the reference plan, same device, dtype and weights) on ``prompt``:
+    prefill logits, the step logits of a greedy decode (while both chose the same tokens) and the
+    greedy tokens; for fp16/bf16 also against an fp32 reference (``fp32_reference()`` builds it) with the
+    FlashAttention rule. Each value carries the bound it was checked against. ``memo`` keeps the
+    reference's outputs between calls."""
+    exact, budget = plan_budget(model.plan)
+    dtype = model.target.dtype
+    lowp = dtype != "fp32" and fp32_reference is not None
+    ref = _reference_outputs(reference, prompt, new_tokens, fp32_reference if lowp else None, memo)
+    out: list[tuple[str, Measurement]] = []
+
+    def bound(metric: str) -> float | None:
+        if not exact:
+            return budget.get(metric)
+        return EXACT_FP32 if (metric == "logits_rel" and dtype == "fp32") else None
+
+    ours = _forward(model, prompt)
+    tokens, steps, _ = generate(model, prompt, new_tokens)
+    phases = {"prefill": comparable(ours, ref["prefill"], prompt),
+              "decode": decode_pairs(steps, ref["steps"], tokens, ref["tokens"])}
+    for case, (a, b) in phases.items():
+        for metric, value in logit_metrics(a, b).items():
+            out.append((case, _measure(metric, value, bound(metric), "ratio" if "rel" in metric else "")))
+    match = (tokens == ref["tokens"]).float().mean().item()
+    greedy_bound = 1.0 if exact and dtype == "fp32" else budget.get("greedy_match")
+    out.append(("generate", _measure("greedy_match", match, greedy_bound, "fraction")))
+    if lowp:
+        ref_err = rel_error(*comparable(ref["prefill"], ref["prefill_fp32"], prompt))
+        out.append(("prefill_vs_fp32", Measurement("reference_rel", ref_err, "ratio", better="lower")))
+        rule = max(FLOOR["fp32"], 2 * ref_err) if exact else None
+        our_err = rel_error(*comparable(ours, ref["prefill_fp32"], prompt))
+        out.append(("prefill_vs_fp32", _measure("logits_rel", our_err, rule, "ratio",
+                                                "error vs the fp32 reference (2x rule)")))
+    for metric in sorted(set(budget) - set(MEASURED)):
+        out.append(("budget", Measurement(metric, None, status="failed", error=(
+            f"the error budget names '{metric}', which the harness does not measure "
+            f"(it measures: {', '.join(MEASURED)})"))))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Invariants: each returns the plan's error on one prompt (None when not applicable)
+
+
+def causality_error(model, prompt: Prompt, suffix: int, full: torch.Tensor) -> float | None:
+    """Relative change of the logits before the last ``suffix`` columns when those tokens change."""
+    if full.shape[1] != prompt.length:
+        return None  # positions are not comparable one to one (pruned rows)
+    changed = prompt.input_ids.clone()
+    changed[:, -suffix:] = (changed[:, -suffix:] + 1) % TEXT_VOCAB
+    other = _forward(model, Prompt(prompt.spec, changed, prompt.attention_mask, prompt.pixel_values,
+                                   prompt.image_grid_thw, prompt.real_lengths, prompt.row_image))
+    keep = prompt.valid().clone()
+    keep[:, -suffix:] = False
+    return rel_error(other[keep], full[keep])
+
+
+def batch_error(model, prompt: Prompt, full: torch.Tensor) -> float | None:
+    """Each row alone vs the same row inside the batch."""
+    if prompt.batch == 1:
+        return None
+    worst = 0.0
+    for b in range(prompt.batch):
+        alone = single_row(prompt, b, model.config.pad_token_id)
+        logits = _forward(model, alone)
+        if full.shape[1] == prompt.length and logits.shape[1] == alone.length:
+            worst = max(worst, rel_error(logits[0], full[b][prompt.valid()[b]]))
+        else:  # pruned rows: each row's next-token distribution
+            worst = max(worst, rel_error(logits[0, -1], full[b, -1]))
+    return worst
+
+
+def padding_error(model, prompt: Prompt, pad: int, full: torch.Tensor) -> float:
+    """The same rows with ``pad`` more pad tokens on the left."""
+    padded = left_padded(prompt, pad, model.config.pad_token_id)
+    logits = _forward(model, padded)
+    if full.shape[1] == prompt.length and logits.shape[1] == padded.length:
+        return rel_error(logits[:, pad:][prompt.valid()], full[prompt.valid()])
+    return rel_error(logits[:, -1], full[:, -1])
+
+
+def cache_error(model, prompt: Prompt, steps: int) -> float:
+    """A cached greedy decode of ``steps`` tokens vs one full forward over the prompt and those tokens."""
+    tokens, step_logits, _ = generate(model, prompt, steps)
+    whole = _forward(model, extended(prompt, tokens[:, :-1]))
+    return rel_error(step_logits, whole[:, -steps:])
+
+
+def determinism_error(model, prompt: Prompt, full: torch.Tensor) -> float:
+    again = _forward(model, prompt)
+    return math.inf if again.shape != full.shape else (again - full).abs().max().item()
+
+
+INVARIANTS = ("causality", "batch_independence", "padding_invariance", "cache_equivalence", "determinism")
+
+
+# ---------------------------------------------------------------------------------------------
+# Property-based contract of one plan
+
+
+GRIDS = ((2, 2), (2, 4), (4, 2), (4, 4), (4, 6), (6, 4))
+
+
+@st.composite
+def prompt_specs(draw, max_batch: int = 2) -> PromptSpec:
+    rows = []
+    for _ in range(draw(st.integers(1, max_batch))):
+        grid = draw(st.none() | st.sampled_from(GRIDS))
+        rows.append(RowSpec(draw(st.integers(1, 6)), grid, draw(st.integers(1, 5))))
+    return PromptSpec(tuple(rows), seed=draw(st.integers(0, 2**16)))
+
+
+@dataclass
+class Worst:
+    """The worst value seen for one check across examples, with the bound it was held to."""
+
+    metric: str
+    value: float | None = None
+    bound: float | None = None
+    failures: dict[str, str] = field(default_factory=dict)  # example -> message (a replay is not counted twice)
+
+    def update(self, value: float, bound: float, ok: bool, example: str) -> None:
+        if not ok:
+            if not self.failures:  # report the first failing example's figures
+                self.value, self.bound = value, bound
+            self.failures[example] = f"{value:.3g} vs bound {bound:.3g} at {example}"
+            return
+        if self.failures:
+            return
+        higher = self.metric in HIGHER_IS_BETTER
+        if self.value is None or (value < self.value if higher else value > self.value):
+            self.value, self.bound = value, bound
+
+
+class Models:
+    """Models of one config built on demand per (plan, dtype) from shared weights, kept for reuse."""
+
+    def __init__(self, build: Callable[[Plan, str], object]) -> None:
+        self._build = build
+        self._cache: dict[tuple[str, str], object] = {}
+
+    def __call__(self, plan: Plan, dtype: str):
+        key = (plan.id, dtype)
+        if key not in self._cache:
+            self._cache[key] = self._build(plan, dtype)
+        return self._cache[key]
+
+    def forget(self, plan: Plan) -> None:
+        for key in [k for k in self._cache if k[0] == plan.id]:
+            del self._cache[key]
+
+
+def _describe_crash(exc: BaseException) -> str:
+    notes = " ".join(getattr(exc, "__notes__", []))
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+    return f"{type(exc).__name__}{where}: {exc} {notes}".strip()
+
+
+def check_plan(
+    plan: Plan,
+    models: Models,
+    config,
+    dtypes: list[str],
+    examples: int = 6,
+    shrink: bool = False,
+) -> list[tuple[str, Measurement]]:
+    """Run the contract of ``plan`` as a hypothesis property; (case, measurement) per check.
+
+    Cases: ``contract_agreement_prefill``/``_decode`` (vs the reference plan; one per budget metric for
+    approximate plans; none for the reference itself) and one per invariant. An invariant's bound is
+    ``max(floor(dtype), 2 x the reference's error on the same input)`` (determinism: bitwise), widened
+    to the declared ``logits_rel`` budget for approximate plans. A crash fails every check.
+    """
+    reference = reference_plan()
+    is_reference = plan == reference
+    exact, budget = plan_budget(plan)
+    approx_metrics = sorted(set(budget) & {"logits_rel", "kl", "top1_agreement"})
+    worst: dict[str, Worst] = {name: Worst("max_abs" if name == "determinism" else "rel_error")
+                               for name in INVARIANTS}
+    if not is_reference:
+        for phase in ("agreement_prefill", "agreement_decode"):
+            if exact:
+                worst[phase] = Worst("logits_rel")
+            for metric in approx_metrics:
+                worst[f"{phase}:{metric}"] = Worst(metric)
+
+    def invariant(name: str, dtype: str, measure, label: str) -> bool:
+        """Measure on the plan; only when above the floor also on the reference (the 2x rule)."""
+        value = measure(models(plan, dtype))
+        if value is None:
+            return True
+        bound = 0.0 if name == "determinism" else FLOOR[dtype]
+        if name != "determinism" and value > bound and not is_reference:
+            ref_value = measure(models(reference, dtype))
+            bound = max(bound, 2 * (ref_value or 0.0))
+            if not exact:
+                bound = max(bound, budget.get("logits_rel", 0.0))
+        ok = value <= bound
+        worst[name].update(value, bound, ok, label)
+        return ok
+
+    def agreement(dtype: str, prompt: Prompt, steps: int, label: str, full) -> bool:
+        model, ref = models(plan, dtype), models(reference, dtype)
+        our_tokens, our_steps, _ = generate(model, prompt, steps)
+        ref_tokens, ref_steps, _ = generate(ref, prompt, steps)
+        pairs = {"agreement_prefill": comparable(full(model), full(ref), prompt),
+                 "agreement_decode": decode_pairs(our_steps, ref_steps, our_tokens, ref_tokens)}
+        allowance = EXACT_FP32
+        if dtype != "fp32" and exact:
+            # FlashAttention rule: the prefill against the fp32 reference, within twice the same-dtype
+            # reference's own error; decode steps (whose fp32 context would differ once a token does)
+            # against the same-dtype reference, within the same allowance.
+            ref32 = models(reference, "fp32")
+            allowance = max(FLOOR["fp32"], 2 * rel_error(*comparable(full(ref), full(ref32), prompt)))
+            pairs["agreement_prefill"] = comparable(full(model), full(ref32), prompt)
+        ok = True
+        for phase, (a, b) in pairs.items():
+            if not exact:
+                metrics = logit_metrics(a, b)
+                for metric in approx_metrics:
+                    passed = _within(metric, metrics[metric], budget[metric])
+                    worst[f"{phase}:{metric}"].update(metrics[metric], budget[metric], passed, label)
+                    ok &= passed
+                continue
+            value, bound = rel_error(a, b), allowance
+            passed = value <= bound
+            worst[phase].update(value, bound, passed, label)
+            ok &= passed
+        return ok
+
+    @settings(max_examples=examples, deadline=None, derandomize=True, database=None,
+              phases=[Phase.explicit, Phase.generate] + ([Phase.shrink] if shrink else []),
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large], report_multiple_bugs=False)
+    @given(spec=prompt_specs(), dtype=st.sampled_from(dtypes), suffix=st.integers(1, 4),
+           steps=st.integers(1, 3), pad=st.integers(1, 3))
+    def prop(spec, dtype, suffix, steps, pad):
+        label = f"{spec} dtype={dtype} suffix={suffix} steps={steps} pad={pad}"
+        prompt = build_prompt(config, spec)
+        cut = max(0, min(suffix, min(r.text_after for r in spec.rows), min(prompt.real_lengths) - 1))
+        full: dict[int, torch.Tensor] = {}
+
+        def on(m):  # the full-prompt logits of a model, computed once per example
+            if id(m) not in full:
+                full[id(m)] = _forward(m, prompt)
+            return full[id(m)]
+
+        ok = True
+        if not is_reference:
+            ok &= agreement(dtype, prompt, steps, label, on)
+        if cut:
+            ok &= invariant("causality", dtype, lambda m: causality_error(m, prompt, cut, on(m)), label)
+        ok &= invariant("cache_equivalence", dtype, lambda m: cache_error(m, prompt, steps + 1), label)
+        ok &= invariant("batch_independence", dtype, lambda m: batch_error(m, prompt, on(m)), label)
+        ok &= invariant("padding_invariance", dtype, lambda m: padding_error(m, prompt, pad, on(m)), label)
+        ok &= invariant("determinism", dtype, lambda m: determinism_error(m, prompt, on(m)), label)
+        assert ok, "contract violated"
+
+    crash = ""
+    try:
+        prop()
+    except Exception as exc:
+        violated = any(w.failures for w in worst.values())
+        if not (violated and isinstance(exc, (AssertionError, FlakyFailure))):
+            crash = _describe_crash(exc)  # the plan crashed on some input: that fails every check
+    out = []
+    for case, w in worst.items():
+        if crash:
+            out.append((f"contract_{case}", Measurement(w.metric, w.value, status="failed", error=crash)))
+        elif w.value is None:
+            out.append((f"contract_{case}", Measurement(w.metric, None, status="skipped",
+                                                         error="no generated example exercised this check")))
+        else:
+            first = next(iter(w.failures.values()), "")
+            error = "" if not w.failures else f"{len(w.failures)} failing example(s); first: {first}"
+            out.append((f"contract_{case}", Measurement(
+                w.metric, w.value, "ratio" if w.metric != "max_abs" else "", status="failed" if w.failures else "ok",
+                error=error, bound=w.bound, better="higher" if w.metric in HIGHER_IS_BETTER else "lower")))
+    return out
