@@ -1,0 +1,136 @@
+"""The exact attention options (sdpa, tiled, flash_kv) against eager: fp32 relative error <= 1e-5
+on generated shapes (GQA, head_dim 64/72/128, causal with q_len < kv_len, padding, ragged ViT
+segments), the FlashAttention rule in fp16/bf16, and a planted fault the check must catch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from qwen3_vl.optim.attention.flash_kv import FlashKVAttention, split_kv_decode
+from qwen3_vl.optim.attention.sdpa import SdpaAttention
+from qwen3_vl.optim.attention.tiled import TiledAttention, tiled_attention
+from qwen3_vl.optim.plan import Target
+
+from .cases import EXACT_FP32, low_precision_ok, text_cases, text_error, vision_cases, vision_error
+
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+CPU = Target()
+
+
+@SETTINGS
+@given(case=text_cases())
+def test_sdpa_text(case):
+    assert text_error(SdpaAttention(CPU), case) <= EXACT_FP32
+
+
+@SETTINGS
+@given(case=vision_cases())
+def test_sdpa_vision(case):
+    assert vision_error(SdpaAttention(CPU), case) <= EXACT_FP32
+
+
+@SETTINGS
+@given(case=text_cases(), block_q=st.integers(1, 24), block_k=st.integers(1, 40))
+def test_tiled_text(case, block_q, block_k):
+    assert text_error(TiledAttention(block_q, block_k, block_k), case) <= EXACT_FP32
+
+
+@SETTINGS
+@given(case=vision_cases(), block_q=st.integers(1, 24), block_k=st.integers(1, 40))
+def test_tiled_vision(case, block_q, block_k):
+    assert vision_error(TiledAttention(block_q, block_k, block_k), case) <= EXACT_FP32
+
+
+@SETTINGS
+@given(case=text_cases(), split=st.integers(1, 40))
+def test_flash_kv_text(case, split):
+    assert text_error(FlashKVAttention(CPU, split), case) <= EXACT_FP32
+
+
+@SETTINGS
+@given(case=vision_cases())
+def test_flash_kv_vision(case):
+    assert vision_error(FlashKVAttention(CPU, 16), case) <= EXACT_FP32
+
+
+@settings(max_examples=15, deadline=None)
+@given(case=text_cases(head_dims=(64, 128), max_len=40), dtype=st.sampled_from([torch.bfloat16, torch.float16]))
+def test_low_precision_follows_the_flash_attention_rule(case, dtype):
+    for attention in (SdpaAttention(CPU), TiledAttention(8, 16, 16), FlashKVAttention(CPU, 8)):
+        ours, eager = low_precision_ok(attention, case, dtype)
+        assert ours <= 2 * eager + 1e-3, (attention.name, ours, eager)
+
+
+def test_decode_kernels_read_kv_heads_unexpanded():
+    """GQA-native paths never materialise repeated KV heads: they work on inputs whose K/V
+    cannot be expanded without a copy, and agree with eager."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 16, 1, 128, generator=gen)
+    k, v = torch.randn(2, 1, 8, 300, 128, generator=gen)
+    ref = SdpaAttention(CPU).text(q, k, v, _mask(None), 128**-0.5)
+    for out in (split_kv_decode(q, k, v, 128**-0.5, None, 64), tiled_attention(q, k, v, 128**-0.5, True, None, 1, 64)):
+        assert (out - ref).abs().max() / ref.abs().max() <= EXACT_FP32
+
+
+def _mask(key_valid, causal=True):
+    from qwen3_vl.model.text import AttentionMask
+
+    return AttentionMask(key_valid, causal)
+
+
+class WrongScale(TiledAttention):
+    """A planted fault: the softmax scale applied twice."""
+
+    def text(self, q, k, v, mask, scale):
+        return super().text(q, k, v, mask, scale * scale**0.5)
+
+
+class OffByOneCausal(TiledAttention):
+    """A planted fault: causal alignment top-left instead of bottom-right when q_len < kv_len."""
+
+    def text(self, q, k, v, mask, scale):
+        lq, lk = q.shape[2], k.shape[2]
+        if lq < lk and mask.causal:
+            return super().text(q, k[:, :, :lq], v[:, :, :lq], _mask(None), scale)
+        return super().text(q, k, v, mask, scale)
+
+
+@pytest.mark.parametrize("faulty", [WrongScale(8, 8, 8), OffByOneCausal(8, 8, 8)])
+def test_the_contract_catches_planted_faults(faulty):
+    """The property above is worth something only if it fails on a broken kernel."""
+    failures = []
+
+    @settings(max_examples=40, deadline=None, database=None)
+    @given(case=text_cases(head_dims=(16,), max_len=24))
+    def prop(case):
+        if text_error(faulty, case) > EXACT_FP32:
+            failures.append(case)
+        assert True
+
+    prop()
+    assert failures, f"{type(faulty).__name__} went unnoticed"
+
+
+def test_sdpa_records_the_backend_that_ran():
+    attention = SdpaAttention(CPU)
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(3, 1, 4, 9, 64, generator=gen)
+    attention.text(q, k, v, _mask(None), 0.125)
+    attention.text(q[:, :, -1:], k, v, _mask(None), 0.125)
+    ran = attention.describe()["ran"]
+    assert set(ran) == {"prefill", "decode"}
+    assert all(backend in ("flash", "math") for kind in ran.values() for backend in kind)
+
+
+def test_sdpa_backend_restriction_is_honoured():
+    attention = SdpaAttention(CPU, backends="math")
+    assert attention.candidates == ["math"]
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = torch.randn(3, 1, 2, 5, 16, generator=gen)
+    attention.text(q, k, v, _mask(None), 0.25)
+    assert attention.describe()["ran"] == {"prefill": {"math": 1}}
+    with pytest.raises(ValueError, match="unknown SDPA backend"):
+        SdpaAttention(CPU, backends="fast")
