@@ -1,4 +1,4 @@
-"""Vision: time to first token with conditional extraction and visual token pruning, and pruning's error.
+"""Vision: time to first token with conditional extraction (cold image, repeated image, second turn).
 
 Runs under ``--suites vision`` on its own prompt: 16 text tokens, one 448x448 image (28x28 patches,
 196 visual tokens: a laptop-budget image), 16 text tokens. Every ``time_`` case runs interleaved with
@@ -9,11 +9,10 @@ the reference plan (``vision=full``), which does the same work every time:
 - ``time_second_turn``: a conversation's second turn, 8 new text tokens after an untimed first turn
   and 4 decoded tokens (``qwen3_vl.session.Session``).
 
-``track_pruning_error`` holds pruning plans to their error budgets, measured at the text positions
-after the image (the positions both models compute). Example, storing through the harness::
+The pruning options' TTFT and error are in ``suites/vision_pruning.py``. Example, stored through
+the harness::
 
-    python -m harness validate --preset mini --device cpu --suites vision \\
-        --plan vision=conditional --plan 'vision=prune_fastv[ratio=0.25]' --plan 'vision=prune_pre[ratio=0.25]'
+    python -m harness validate --preset mini --device cpu --suites vision --plan vision=conditional
 """
 
 from __future__ import annotations
@@ -22,8 +21,7 @@ import dataclasses
 
 import torch
 
-from harness.numerics import HIGHER_IS_BETTER, logit_metrics
-from harness.results import Measurement
+from harness.numerics import logit_metrics
 from harness.workload import Prompt, PromptSpec, RowSpec, build_prompt
 from qwen3_vl.model.positions import mrope_positions
 from qwen3_vl.session import Session
@@ -36,7 +34,7 @@ def vision_prompt(config, seed: int = 0) -> Prompt:
     return build_prompt(config, PromptSpec((RowSpec(TEXT, GRID, TEXT),), seed=seed))
 
 
-def _prompt(bench) -> Prompt:
+def shared_prompt(bench) -> Prompt:
     key = ("vision_prompt", id(bench.model.config))
     if key not in bench.shared:
         bench.shared[key] = vision_prompt(bench.model.config)
@@ -48,17 +46,21 @@ def _ttft(model, prompt: Prompt) -> None:
     model.generate(prompt.input_ids, **prompt.inputs(), max_new_tokens=1, eos_token_id=[])
 
 
-def time_first_image(bench, clock) -> None:
-    """TTFT for an image the model has not seen (new pixels each call, drawn outside the clock)."""
-    prompt = _prompt(bench)
+def fresh_image_ttft(bench, clock) -> None:
+    prompt = shared_prompt(bench)
     fresh = dataclasses.replace(prompt, pixel_values=torch.randn_like(prompt.pixel_values))
     with torch.inference_mode(), clock(tokens=1):
         _ttft(bench.model, fresh)
 
 
+def time_first_image(bench, clock) -> None:
+    """TTFT for an image the model has not seen (new pixels each call, drawn outside the clock)."""
+    fresh_image_ttft(bench, clock)
+
+
 def time_repeated_image(bench, clock) -> None:
     """TTFT for the same image a second time (the first request is not timed)."""
-    prompt = _prompt(bench)
+    prompt = shared_prompt(bench)
     with torch.inference_mode():
         _ttft(bench.model, prompt)
         with clock(tokens=1):
@@ -67,7 +69,7 @@ def time_repeated_image(bench, clock) -> None:
 
 def time_second_turn(bench, clock) -> None:
     """TTFT of a second conversation turn: 8 new text tokens after the first turn's 4-token answer."""
-    prompt = _prompt(bench)
+    prompt = shared_prompt(bench)
     session = Session(bench.model)
     answer = session.generate(prompt.input_ids, prompt.pixel_values, prompt.image_grid_thw,
                               max_new_tokens=4, eos_token_id=[])
@@ -116,27 +118,3 @@ def pruning_error(model, reference, prompt: Prompt, decode_steps: int = 4) -> di
     decode_metrics = logit_metrics(steps_a.flatten(0, 1), steps_b.flatten(0, 1))
     return {**{f"prefill_{k}": v for k, v in prefill_metrics.items()},
             **{f"decode_{k}": v for k, v in decode_metrics.items()}}
-
-
-def track_pruning_error(bench):
-    """KL, top-1 agreement and relative logits error vs the reference, against the option's budget."""
-    from qwen3_vl.optim import get
-
-    option = get("vision", bench.model.plan["vision"].name)
-    if bench.is_reference or option.exact:
-        return []
-    measured = pruning_error(bench.model, bench.reference, _prompt(bench))
-    out = []
-    for name, value in measured.items():
-        phase, _, metric = name.partition("_")
-        bound = option.error_budget.get(metric)
-        better = "higher" if metric in HIGHER_IS_BETTER else "lower"
-        ok = bound is None or (value >= bound if better == "higher" else value <= bound)
-        error = "" if ok else f"{metric} = {value:.3g} vs budget {bound:.3g}"
-        out.append((f"pruning_{phase}", Measurement(metric, value, "ratio" if "rel" in metric else "",
-                                                    status="ok" if ok else "failed", error=error,
-                                                    bound=bound, better=better)))
-    kept = getattr(bench.model.vision, "kept", None)
-    if kept:
-        out.append(("pruning_prefill", Measurement("visual_tokens_kept", float(kept[0]), "tokens")))
-    return out
