@@ -22,6 +22,7 @@ import dataclasses
 import torch
 
 from harness.numerics import logit_metrics
+from harness.results import Measurement
 from harness.workload import Prompt, PromptSpec, RowSpec, build_prompt
 from qwen3_vl.model.positions import mrope_positions
 from qwen3_vl.session import Session
@@ -77,6 +78,20 @@ def time_second_turn(bench, clock) -> None:
     conversation = torch.cat([prompt.input_ids[0], answer, follow_up])[None]
     with clock(tokens=1):
         session.prefill(conversation, prompt.pixel_values, prompt.image_grid_thw).argmax(-1)
+
+
+def track_pixel_budget(bench):
+    """The operating point: this suite's image size, and the pixel budget this machine's profile sets."""
+    from qwen3_vl.optim.vision.budget import TOKEN_PIXELS, pixel_budget
+
+    patch = bench.model.config.vision.patch_size
+    pixels = GRID[0] * GRID[1] * patch * patch
+    budget = pixel_budget("auto", device=str(bench.model.device))
+    case = f"pixel_budget[{budget.source}]"
+    return [("image", Measurement("image_pixels", pixels, "pixels")),
+            ("image", Measurement("visual_tokens", pixels // TOKEN_PIXELS, "tokens")),
+            (case, Measurement("min_pixels", budget.min_pixels, "pixels")),
+            (case, Measurement("max_pixels", budget.max_pixels, "pixels"))]
 
 
 def teacher_forced(model, prompt: Prompt, tokens: torch.Tensor) -> torch.Tensor:
