@@ -126,7 +126,11 @@ class Session:
         embeds, visual_mask, deepstack = model.embed(suffix, pix, grid, vpix, vgrid)
         positions, _ = mrope_positions(suffix, config, None, grid, vgrid)
         positions = positions + self.next_position
-        logits = model.step(embeds, positions, None, self.cache, visual_mask, deepstack, logits_to_keep=1)
+        try:
+            logits = model.step(embeds, positions, None, self.cache, visual_mask, deepstack, logits_to_keep=1)
+        except BaseException:
+            self.reset()  # some layers may have appended to the cache: start over next time
+            raise
         self.ids, self.images, self.videos = tokens, images, videos
         self.next_position = int(positions.max()) + 1  # pruning keeps positions: the unpruned maximum
         self.last_prefill = {"reused": held, "prefilled": suffix.shape[1]}
@@ -172,7 +176,11 @@ class Session:
                 break
             embeds = self.model.language_model.embed_tokens(token[:, None].to(device)).to(self.model.compute_dtype)
             position = torch.full((3, 1, 1), self.next_position, device=device)
-            logits = self.model.step(embeds, position, None, self.cache)[:, -1]
+            try:
+                logits = self.model.step(embeds, position, None, self.cache)[:, -1]
+            except BaseException:
+                self.reset()
+                raise
             self.ids.append(int(token))
             self.next_position += 1
         return torch.tensor(out, dtype=torch.long)
