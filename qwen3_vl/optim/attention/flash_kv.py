@@ -55,38 +55,33 @@ def flash_attn_unavailable(target: Target) -> str | None:
 def split_kv_decode(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, key_valid: torch.Tensor | None, split: int
 ) -> torch.Tensor:
-    """Attention for queries that see every (valid) key, e.g. one decode step.
+    """Attention for queries that see every (valid) key, e.g. one decode step: flash-decoding in torch ops.
 
-    q ``[B, Hq, Lq, d]``, k/v ``[B, Hkv, Lk, d]``. The ``Lk`` keys are processed as ``ceil(Lk /
-    split)`` chunks in one batched matmul; the score matrix is ``[B, Hkv, chunks, G*Lq, split]``.
+    q ``[B, Hq, Lq, d]``, k/v ``[B, Hkv, Lk, d]`` in any layout (no copy of the cache). The scores of
+    each KV group come from one matmul (each KV head read once for its ``G`` query heads); they are
+    cut into ``ceil(Lk / split)`` chunks, each chunk's max and exp-sum computed, and the chunks merged
+    by their log-sum-exp before one matmul with V. (A fused split-KV kernel runs the chunks on
+    separate thread blocks; composed of torch ops the split changes only the order of the sums.)
     """
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     groups = hq // hkv
-    qg = group_queries(q, hkv).reshape(b, hkv, 1, groups * lq, d)
-    full = lk // split * split  # the full chunks are a view of the cache; the tail is one more chunk
-    parts = []
-    for j0, j1, n in ((0, full, lk // split), (full, lk, 1)):
-        if j1 <= j0:
-            continue
-        size = (j1 - j0) // n
-        kc = k[:, :, j0:j1].reshape(b, hkv, n, size, d)
-        vc = v[:, :, j0:j1].reshape(b, hkv, n, size, d)
-        s = torch.matmul(qg, kc.transpose(-1, -2)).float().mul_(scale)  # [B, Hkv, n, G*Lq, size]
-        if key_valid is not None:
-            s = s.masked_fill(~key_valid[:, None, j0:j1].reshape(b, 1, n, 1, size), float("-inf"))
-        m = s.amax(dim=-1, keepdim=True)
-        m_safe = m.masked_fill(m == float("-inf"), 0.0)
-        p = s.sub_(m_safe).exp_()
-        parts.append((m, p.sum(dim=-1, keepdim=True), torch.matmul(p.to(v.dtype), vc).float()))
-    m = torch.cat([p[0] for p in parts], dim=2)  # [B, Hkv, chunks, G*Lq, 1]
-    sums = torch.cat([p[1] for p in parts], dim=2)
-    o = torch.cat([p[2] for p in parts], dim=2)
-    top = m.amax(dim=2, keepdim=True)
-    top_safe = top.masked_fill(top == float("-inf"), 0.0)
-    w = (m - top_safe).exp_()  # chunk weights; 0 for chunks with nothing visible
-    total = (w * sums).sum(dim=2)  # [B, Hkv, G*Lq, 1]
-    out = (w * o).sum(dim=2) / total
+    rows = groups * lq
+    qg = group_queries(q, hkv).reshape(b, hkv, rows, d)
+    s = torch.matmul(qg, k.transpose(-1, -2)).float().mul_(scale)  # [B, Hkv, G*Lq, Lk]
+    if key_valid is not None:
+        s = s.masked_fill(~key_valid[:, None, None, :], float("-inf"))
+    chunks = -(-lk // split)
+    s = torch.nn.functional.pad(s, (0, chunks * split - lk), value=float("-inf")).view(b, hkv, rows, chunks, split)
+    m = s.amax(dim=-1, keepdim=True)  # per-chunk max
+    m_safe = m.masked_fill(m == float("-inf"), 0.0)
+    p = s.sub_(m_safe).exp_()
+    sums = p.sum(dim=-1, keepdim=True)  # per-chunk exp-sum
+    top = m.amax(dim=-2, keepdim=True)  # merge: weight each chunk by exp(m_chunk - m_all)
+    w = (m - top.masked_fill(top == float("-inf"), 0.0)).exp_()
+    total = (w * sums).sum(dim=-2)  # [B, Hkv, rows, 1]
+    p = p.mul_(w).view(b, hkv, rows, chunks * split)[..., :lk]
+    out = torch.matmul(p.to(v.dtype), v).float() / total
     if bool((total == 0).any()):  # a query that sees no key: eager's answer, the mean of all values
         out = torch.where(total == 0, v.float().mean(dim=2, keepdim=True), out)
     return out.view(b, hkv, groups, lq, d).reshape(b, hq, lq, d).to(q.dtype)
