@@ -26,11 +26,18 @@ def _generate(args: argparse.Namespace) -> int:
             inputs = {"input_ids": torch.tensor([[int(t) for t in args.prompt_ids.split(",")]])}
         except ValueError:
             raise ValueError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
-    model = qwen3_vl.from_pretrained(source, dtype=args.dtype, device=args.device, plan=args.plan, seed=args.seed,
+    plan = args.plan
+    if args.memory_budget:
+        from qwen3_vl.optim.memory.planner import plan_with_budget
+
+        plan = plan_with_budget(plan, args.memory_budget, args.device)
+    model = qwen3_vl.from_pretrained(source, dtype=args.dtype, device=args.device, plan=plan, seed=args.seed,
                                      emulate=args.emulate)
     if args.verbose:
         print(model.hardware.report(), file=sys.stderr)
         print(model.plan_report(), file=sys.stderr)
+        if hasattr(model.memory, "report"):  # the memory planner's placement
+            print(model.memory.report(), file=sys.stderr)
     out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                          temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     if args.verbose and hasattr(model.attention, "describe"):  # which kernels actually ran
@@ -151,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
                      help="plan id, e.g. attention=sdpa,kv_cache=static; 'auto' = best plan for this hardware")
     gen.add_argument("--emulate", default=None, choices=sorted(PROFILES),
                      help="apply a hardware profile's constraints on this (stronger) machine")
+    gen.add_argument("--memory-budget", metavar="SIZE",
+                     help="device memory budget, e.g. 4GiB: the memory planner keeps what fits resident and "
+                          "streams the rest (offload_cpu on a GPU, offload_disk on a CPU)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--verbose", action="store_true", help="print the plan report (fallbacks and reasons)")
     gen.set_defaults(func=_generate)

@@ -8,9 +8,12 @@ atomically. Also builds seeded random weights for presets, directly in the stora
 from __future__ import annotations
 
 import json
+import math
+import mmap
 import os
 import shutil
 import tempfile
+import weakref
 import zlib
 from pathlib import Path
 
@@ -148,14 +151,79 @@ def checkpoint_files(directory: Path) -> list[Path]:
     raise CheckpointError(f"{directory} has no model.safetensors or model.safetensors.index.json")
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+# Live read-only file mappings: (weakref to the mmap, first byte address, length, path). Lets
+# ``mapping_of`` tell whether a tensor's bytes come from a file (memory options release such
+# pages after use; releasing anonymous memory instead would destroy it).
+_MAPPINGS: list[tuple[weakref.ref, int, int, Path]] = []
 
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file, memory-mapped (copy-on-write, never written back).
+
+    The tensors share the file's pages: nothing is copied into process memory until it is read,
+    and a model kept in the file's dtype holds no second copy. The header, every offset and the
+    file size are checked first, so a truncated file fails here, not at first use.
+    """
+    path = Path(path)
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
+                raise ValueError(f"{size} bytes, shorter than the 8-byte header length")
+            header_len = int.from_bytes(f.read(8), "little")
+            if 8 + header_len > size:
+                raise ValueError(f"header of {header_len} bytes runs past the end of the {size}-byte file")
+            header = json.loads(f.read(header_len))
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path} is truncated or not a valid safetensors file ({exc})") from None
+    base = 8 + header_len
+    tensors = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            shape = [int(n) for n in info["shape"]]
+            begin, end = (int(n) for n in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path} is truncated or not a valid safetensors file (entry {key}: {exc})") from None
+        count = math.prod(shape)
+        if end - begin != count * dtype.itemsize or begin < 0:
+            raise CheckpointError(f"{path} is truncated or not a valid safetensors file ({key}: offsets "
+                                  f"[{begin}, {end}) do not hold {shape} {info['dtype']})")
+        if base + end > size:
+            raise CheckpointError(f"{path} is truncated or not a valid safetensors file ({key} ends at byte "
+                                  f"{base + end}, the file has {size})")
+        if count == 0:
+            tensors[key] = torch.empty(shape, dtype=dtype)
+        elif (base + begin) % dtype.itemsize:  # unaligned: copy this one tensor
+            raw = torch.frombuffer(mm, dtype=torch.uint8, count=end - begin, offset=base + begin)
+            tensors[key] = raw.clone().view(dtype).view(shape)
+        else:
+            tensors[key] = torch.frombuffer(mm, dtype=dtype, count=count, offset=base + begin).view(shape)
+    if len(mm):
+        start = torch.frombuffer(mm, dtype=torch.uint8, count=1).data_ptr()
+        _MAPPINGS[:] = [m for m in _MAPPINGS if m[0]() is not None]
+        _MAPPINGS.append((weakref.ref(mm), start, len(mm), path))
+    return tensors
+
+
+def mapping_of(tensor: torch.Tensor) -> tuple[mmap.mmap, int, Path] | None:
+    """(the mmap, byte offset into it, file path) when ``tensor``'s bytes lie in a mapped file, else None."""
+    if tensor.device.type != "cpu":
+        return None
+    ptr = tensor.data_ptr()
+    for ref, start, length, path in _MAPPINGS:
+        mm = ref()
+        if mm is not None and start <= ptr < start + length:
+            return mm, ptr - start, path
+    return None
 
 
 def read_checkpoint(directory: str | Path) -> dict[str, torch.Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from qwen3_vl.optim.memory.planner import module_bytes
 from qwen3_vl.optim.plan import Optimization
 
 
@@ -10,7 +11,7 @@ class ResidentMemory:
 
     def __init__(self, model, target) -> None:
         model.to(target.device)
-        self.device_weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        self.device_weight_bytes = module_bytes(model)  # each storage once (a tied matrix is one tensor)
 
     def describe(self) -> dict:
         return {"device_weight_bytes": self.device_weight_bytes, "offloaded_bytes": 0}

@@ -1,0 +1,201 @@
+"""Weights memory-mapped from safetensors files on disk; streamed layer by layer, never all in RAM.
+
+Checkpoints are read as memory maps (``qwen3_vl.checkpoint.read_safetensors``), so a model kept
+in its checkpoint's dtype already points into the files. Weights that do not (a preset's random
+weights, a dtype conversion, quantized weights) are written once to an offload file in
+``folder`` (a temporary directory by default, removed with the model) and mapped back.
+
+On a GPU: the planner's streamed units go file pages -> a pinned staging buffer (on a background
+thread, so the next layer is read while the current one computes) -> one of two recycled device
+buffers, as in ``offload_cpu``; the pages are released after each copy.
+
+On a CPU (the meaningful CPU semantics): the layers are computed in place from the mapped pages,
+and after each streamed unit (decoder layer, ViT block, and the output matrix) runs its pages
+are released from the process (``madvise(MADV_DONTNEED)``), so the resident set holds about one
+unit of weights at a time; the kernel's page cache keeps them while memory allows and re-reads
+them from disk when not. Both are exact: the same bytes reach the same kernels.
+
+Before a unit's weights are touched its backing files are checked against the sizes the headers
+promised, so a file truncated after loading raises ``CheckpointError`` instead of crashing the
+process with SIGBUS (a missing or truncated file at load fails in ``from_pretrained``).
+"""
+
+from __future__ import annotations
+
+import mmap
+import shutil
+import tempfile
+import weakref
+from pathlib import Path
+
+import torch
+
+from qwen3_vl.checkpoint import CheckpointError, mapping_of, read_safetensors
+from qwen3_vl.optim.memory.offload_cpu import place
+from qwen3_vl.optim.memory.planner import parse_bytes, plan_memory
+from qwen3_vl.optim.memory.streaming import LayerStreamer, Unit, _bind, _tensors_of, pack_unit
+from qwen3_vl.optim.plan import Optimization
+
+PAGE = mmap.PAGESIZE
+
+
+def map_to_files(modules: dict[str, torch.nn.Module], folder: Path) -> int:
+    """Make every tensor of ``modules`` file-backed: write those that are not to one safetensors
+    file in ``folder`` and point the modules at its mapping. Returns the bytes written."""
+    from safetensors.torch import save_file
+
+    pending, owners = {}, {}
+    for unit_name, module in modules.items():
+        for i, (owner, kind, name, t) in enumerate(_tensors_of(module)):
+            if mapping_of(t) is None:
+                key = f"{unit_name}.{i}"
+                pending[key] = t.detach().contiguous()
+                owners[key] = (owner, kind, name)
+    if not pending:
+        return 0
+    path = folder / "offload.safetensors"
+    save_file(pending, str(path))
+    written = sum(t.numel() * t.element_size() for t in pending.values())
+    mapped = read_safetensors(path)
+    for key, (owner, kind, name) in owners.items():
+        _bind(owner, kind, name, mapped[key])
+    return written
+
+
+class FileChecks:
+    """Per unit: the mappings its tensors live in and the size each file must keep."""
+
+    def __init__(self, unit: Unit) -> None:
+        needs: dict[int, list] = {}
+        self.ranges = []  # (mmap, page-aligned start, length) fully inside the unit's tensors
+        for t in unit.host_views:
+            found = mapping_of(t)
+            if found is None:
+                raise CheckpointError(f"{unit.name}: a weight is not backed by a file; cannot offload it to disk")
+            mm, offset, path = found
+            end = offset + t.numel() * t.element_size()
+            entry = needs.setdefault(id(mm), [mm, 0, path])
+            entry[1] = max(entry[1], end)
+            start = -(-offset // PAGE) * PAGE
+            stop = end // PAGE * PAGE
+            if stop > start:
+                self.ranges.append((mm, start, stop - start))
+        self.needs = list(needs.values())
+
+    def check(self) -> None:
+        for mm, end, path in self.needs:
+            if mm.size() < end:
+                raise CheckpointError(f"weight file {path} was truncated after loading: it has {mm.size()} bytes, "
+                                      f"the weights need {end}; reload the model from an intact checkpoint")
+
+    def release(self) -> None:
+        for mm, start, length in self.ranges:
+            mm.madvise(mmap.MADV_DONTNEED, start, length)
+
+
+class PinnedStager:
+    """Two pinned staging buffers: file pages are gathered into one while the other is copied."""
+
+    def __init__(self, nbytes: int, checks: dict[int, FileChecks]) -> None:
+        self.buffers = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        self.events = [torch.cuda.Event() for _ in range(2)]
+        self.turn = 0
+        self.checks = checks
+
+    def fetch(self, unit: Unit) -> torch.Tensor:
+        i = self.turn
+        self.turn = 1 - self.turn
+        self.events[i].synchronize()  # the copy that last read this staging buffer is done
+        check = self.checks[id(unit)]
+        check.check()
+        unit.gather_into(self.buffers[i])
+        check.release()
+        return self.buffers[i][: unit.nbytes]
+
+    def release(self, source: torch.Tensor, stream) -> None:
+        i = 0 if source.data_ptr() == self.buffers[0].data_ptr() else 1
+        self.events[i].record(stream)
+
+
+class DiskOffload:
+    name = "offload_disk"
+
+    def __init__(self, model, target, budget: str | int = "", folder: str = "", context: int = 4096,
+                 prefill: int = 2048, slots: int = 2) -> None:
+        self.device = torch.device(target.device)
+        self.folder = Path(folder) if folder else Path(tempfile.mkdtemp(prefix="qwen3vl-offload-"))
+        if not folder:
+            weakref.finalize(self, shutil.rmtree, self.folder, True)
+        elif not self.folder.is_dir():
+            raise ValueError(f"offload_disk folder '{folder}' does not exist")
+        budget_bytes = parse_bytes(budget) if budget not in ("", 0) else None
+        dtype_bytes = 4 if model.compute_dtype == torch.float32 else 2
+        kv = model.plan["kv_cache"].name if model.plan is not None else "dynamic"
+        self.plan = plan_memory(model, budget_bytes, context=context, prefill=prefill, dtype_bytes=dtype_bytes,
+                                kv_name=kv)
+        self.kv_hot_tokens = self.plan.kv_hot_tokens
+        self.streamer = None
+        self.handles = []
+        if self.device.type == "cpu":
+            self._setup_cpu(model)
+        else:
+            self._setup_device(model, slots)
+
+    def _streamed_modules(self, model) -> dict[str, torch.nn.Module]:
+        mods = {}
+        if self.plan.stream_vision:
+            mods.update({f"visual.blocks.{i}": b for i, b in enumerate(model.visual.blocks)})
+        layers = model.language_model.layers
+        mods.update({f"language_model.layers.{i}": layers[i] for i in self.plan.streamed_layers})
+        return mods
+
+    def _setup_cpu(self, model) -> None:
+        modules = self._streamed_modules(model)
+        if self.plan.budget is None:
+            modules["lm_head"] = model.lm_head  # half of a small model's bytes when tied
+        self.written_bytes = map_to_files(modules, self.folder)
+        self.units = [pack_unit(name, m, in_place=True) for name, m in modules.items()]
+        self.checks = {id(u): FileChecks(u) for u in self.units}
+        for unit in self.units:
+            check = self.checks[id(unit)]
+            self.handles.append(unit.module.register_forward_pre_hook(lambda m, a, c=check: c.check()))
+            self.handles.append(unit.module.register_forward_hook(lambda m, a, o, c=check: (c.release(), o)[1]))
+        for check in self.checks.values():
+            check.release()  # writing the offload file or loading touched the pages
+        self.resident_bytes = 0
+
+    def _setup_device(self, model, slots: int) -> None:
+        modules = self._streamed_modules(model)
+        self.written_bytes = map_to_files(modules, self.folder)
+        names = {id(m): n for n, m in modules.items()}
+        units, self.resident_bytes = place(model, self.plan, self.device,
+                                           lambda n, m: pack_unit(names.get(id(m), n), m, in_place=True))
+        self.units = units
+        self.checks = {id(u): FileChecks(u) for u in units}
+        if units:
+            stager = PinnedStager(max(u.nbytes for u in units), self.checks)
+            first_layer = len(model.visual.blocks) if self.plan.stream_vision else 0
+            self.streamer = LayerStreamer(units, self.device, slots, stager, wrap_to=first_layer % len(units))
+
+    def describe(self) -> dict:
+        out = {"device_weight_bytes": self.resident_bytes + (self.streamer.device_bytes() if self.streamer else 0),
+               "offloaded_bytes": sum(u.nbytes for u in self.units), "written_to_offload_file": self.written_bytes,
+               "released_units": len(self.units), **self.plan.to_dict()}
+        if self.streamer is not None:
+            out.update(self.streamer.stats())
+        return out
+
+    def report(self) -> str:
+        return self.plan.report()
+
+
+OPTION = Optimization(
+    name="offload_disk",
+    axis="memory",
+    exact=True,
+    summary="Weights memory-mapped from the safetensors files; GPU: streamed via pinned staging into two "
+    "recycled buffers; CPU: computed in place with each layer's pages released after use (low RSS).",
+    build=lambda model, target, **params: DiskOffload(model, target, **params),
+    defaults={"budget": "", "folder": "", "context": 4096, "prefill": 2048, "slots": 2},
+    variants=({"budget": ""},),
+)
