@@ -1,0 +1,113 @@
+"""int4 weights, group-wise (``group`` input channels per scale and zero point, default 128),
+packed two per byte, for every linear layer, the output matrix and the (tied) embedding.
+
+Kernels (``kernel`` parameter; ``auto`` picks per device):
+
+- ``dequant``: unpack + dequantize (row-chunked) then ``linear``: exact activations; the GPU path
+  on Pascal (``torch._weight_int4pack_mm`` needs sm80 tensor cores).
+- ``int4pack``: ``torch._weight_int4pack_mm_for_cpu`` on bf16 activations for decode-sized
+  inputs (the weights are also kept in that kernel's blocked layout, so on CPU a tied output
+  matrix is held twice: plain packed codes for embedding lookups, blocked codes for the head;
+  1 byte per parameter for that matrix instead of 0.5).
+
+Prefill-sized inputs (more than ``SMALL_BATCH_ROWS`` rows) always take ``dequant``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from qwen3_vl.optim.plan import Optimization
+from qwen3_vl.optim.quant.weights import (
+    SMALL_BATCH_ROWS,
+    QuantLinear,
+    dequantize_int4,
+    quantize_int4,
+    swap_in,
+    unpack_int4,
+)
+
+_CHUNK_ROWS = 8192
+
+
+def dequant_kernel(mod: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    rows, g = mod.out_features, mod.group
+    out = torch.empty(x.shape[0], rows, dtype=x.dtype, device=x.device)
+    for s in range(0, rows, _CHUNK_ROWS):
+        e = s + _CHUNK_ROWS
+        w = dequantize_int4(mod.weight[s:e], mod.scale[s:e], mod.zero[s:e], g, x.dtype)
+        out[:, s:e] = F.linear(x, w)
+    return out
+
+
+def int4pack_kernel(mod: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    if x.shape[0] > SMALL_BATCH_ROWS:
+        return dequant_kernel(mod, x)
+    out = torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), mod.blocked, mod.group, mod.scale_zero_bf16)
+    return out.to(x.dtype)
+
+
+KERNELS = {"dequant": dequant_kernel, "int4pack": int4pack_kernel}
+
+
+def dequantize_rows(mod: QuantLinear, ids: torch.Tensor) -> torch.Tensor:
+    return dequantize_int4(mod.weight[ids], mod.scale[ids], mod.zero[ids], mod.group, torch.float32)
+
+
+def make_linear(linear, kernel: str, group: int) -> QuantLinear:
+    if linear.in_features % group:
+        # layers narrower than the group (small presets): the largest group that divides them
+        group = next(g for g in (64, 32, 16, 8, 2) if linear.in_features % g == 0)
+    packed, scale, zero = quantize_int4(linear.weight.detach(), group)
+    mod = QuantLinear(linear.in_features, linear.out_features, linear.bias, KERNELS[kernel])
+    mod.group = group
+    mod.register_buffer("weight", packed)
+    mod.register_buffer("scale", scale)
+    mod.register_buffer("zero", zero)
+    if kernel == "int4pack":
+        if linear.out_features % 16 or group < 32:
+            mod.kernel = dequant_kernel  # the blocked CPU layout needs N % 16 == 0 and groups >= 32
+        else:
+            mod.register_buffer("blocked", torch._convert_weight_to_int4pack_for_cpu(unpack_int4(packed).int(), 1))
+            sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # [K/group, N, 2]
+            mod.register_buffer("scale_zero_bf16", sz.to(torch.bfloat16))
+    return mod
+
+
+def available_kernels(device_type: str) -> list[str]:
+    if device_type == "cpu" and hasattr(torch, "_weight_int4pack_mm_for_cpu"):
+        return ["int4pack", "dequant"]
+    return ["dequant"]
+
+
+class Int4Weights:
+    name = "int4_weight"
+
+    def __init__(self, model, target, kernel: str = "auto", group: int = 128, vision: bool = True) -> None:
+        choices = available_kernels(target.device_type)
+        if kernel == "auto":
+            kernel = choices[0]
+        elif kernel not in choices:
+            raise ValueError(f"int4_weight kernel '{kernel}' is not available on {target.device_type}; "
+                             f"available: {', '.join(choices)}")
+        if group < 2 or group % 2:
+            raise ValueError(f"int4_weight group must be even and >= 2, got {group}")
+        self.kernel, self.group = kernel, group
+        self.bytes = swap_in(model, lambda linear: make_linear(linear, kernel, group), dequantize_rows, vision)
+
+    def describe(self) -> dict:
+        return {"kernel": self.kernel, "group": self.group, **self.bytes}
+
+
+OPTION = Optimization(
+    name="int4_weight",
+    axis="quant",
+    exact=False,
+    summary="int4 weights, asymmetric per group of 128 inputs, two per byte (linears, output matrix, "
+    "tied embedding); int4pack kernel on CPU, dequantize-then-matmul on GPU.",
+    build=lambda model, target, **params: Int4Weights(model, target, **params),
+    error_budget={"logits_rel": 0.3, "kl": 0.05, "top1_agreement": 0.8},
+    defaults={"kernel": "auto", "group": 128, "vision": True},
+    variants=({"kernel": "auto"}, {"kernel": "dequant"}),
+)
