@@ -1,4 +1,4 @@
-"""Command line: ``python -m harness fingerprint|matrix|imports|validate|golden``.
+"""Command line: ``python -m harness fingerprint|matrix|imports|validate|golden|gate|noise|selftest``.
 
 Exit codes (every command): 0 success, 1 a check failed, 2 the harness could not run as asked (bad
 input, missing device, unwritable results directory) with one line on stderr saying why.
@@ -104,6 +104,43 @@ def _golden(args: argparse.Namespace) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
+def _gate(args: argparse.Namespace) -> int:
+    from harness import gate
+
+    if args.measure and args.candidate:
+        raise HarnessError("give --candidate REF or --measure, not both")
+    opts = gate.Options(baseline=args.baseline, candidate=args.candidate, measure=args.measure,
+                        results_dir=args.results_dir, report=args.report, confirm=args.confirm,
+                        store=not args.no_store)
+    try:
+        return gate.main(opts)
+    except gate.GateError as exc:
+        raise HarnessError(str(exc)) from None
+
+
+def _noise(args: argparse.Namespace) -> int:
+    from harness import gate, noise
+
+    opts = noise.Options(runs=args.runs, preset=args.preset, device=args.device, dtype=args.dtype,
+                         suites=args.suites, plans=args.plan, results_dir=args.results_dir, from_runs=args.from_runs,
+                         keep=args.keep)
+    try:
+        return noise.main(opts)
+    except (gate.GateError, OSError, RuntimeError) as exc:
+        raise HarnessError(str(exc)) from None
+
+
+def _selftest(args: argparse.Namespace) -> int:
+    from harness import selftest
+
+    opts = selftest.Options(preset=args.preset, only=args.only, jobs=args.jobs, timeout=args.timeout,
+                            results_dir=args.results_dir, store=not args.no_store)
+    try:
+        return selftest.main(opts)
+    except (selftest.SelftestError, OSError) as exc:
+        raise HarnessError(str(exc)) from None
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m harness", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -150,6 +187,44 @@ def parser() -> argparse.ArgumentParser:
     go.add_argument("--preset", default="tiny")
     go.add_argument("--write", action="store_true", help="re-record them from transformers (needs transformers)")
     go.set_defaults(func=_golden)
+
+    ga = sub.add_parser("gate", help="compare a candidate with a baseline: exit 0 pass, 1 regression, 2 error, "
+                                     "3 nothing comparable")
+    ga.add_argument("--baseline", required=True, metavar="REF",
+                    help="run id, results file, folder, or git ref whose committed results/ is used")
+    ga.add_argument("--candidate", metavar="REF", help="as --baseline")
+    ga.add_argument("--measure", action="store_true",
+                    help="measure the candidate now: this checkout, the baseline's plans for this machine")
+    ga.add_argument("--results-dir", default="results", help="where run ids are looked up and runs are stored")
+    ga.add_argument("--report", metavar="FILE", help="write a Markdown report (for a pull-request comment)")
+    ga.add_argument("--confirm", action=argparse.BooleanOptionalAction, default=None,
+                    help="re-measure suspect cases on this checkout before failing (default: [tool.harness.gate])")
+    ga.add_argument("--no-store", action="store_true", help="do not keep the report as <results-dir>/gate/last.*")
+    ga.set_defaults(func=_gate)
+
+    no = sub.add_parser("noise", help="measure this machine's A/A noise floor and store it beside the results")
+    no.add_argument("--runs", type=int, default=3, help="A/A runs, each in its own process (default 3)")
+    no.add_argument("--preset", default="tiny")
+    no.add_argument("--device", default="cpu")
+    no.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    no.add_argument("--suites", default="latency,memory")
+    no.add_argument("--plan", action="append", default=[], metavar="PLAN_ID",
+                    help="plans to measure (repeatable; default: a small fixed set)")
+    no.add_argument("--results-dir", default="results")
+    no.add_argument("--from", dest="from_runs", nargs="+", default=[], metavar="RUN_ID",
+                    help="derive the floor from these stored A/A runs instead of measuring")
+    no.add_argument("--keep", action="store_true", help="keep the A/A runs in --results-dir")
+    no.set_defaults(func=_noise)
+
+    st = sub.add_parser("selftest", help="plant each catalogued fault in a copy of the project; exit 1 if any "
+                                         "slips through the import and numerics checks")
+    st.add_argument("--preset", default="tiny")
+    st.add_argument("--only", nargs="+", default=[], metavar="FAULT", help="only these faults (names)")
+    st.add_argument("--jobs", type=int, default=2, help="faults checked in parallel (default 2)")
+    st.add_argument("--timeout", type=float, default=600.0, help="seconds per fault before it counts as a hang")
+    st.add_argument("--results-dir", default="results")
+    st.add_argument("--no-store", action="store_true", help="do not store the score in the results")
+    st.set_defaults(func=_selftest)
     return p
 
 

@@ -1,0 +1,137 @@
+"""The gate's false-alarm and detection rates on this machine, measured (run once; not part of CI).
+
+    python scripts/gate_campaign.py measure --runs 24 --results-dir results   # ~1 h on a 2-core machine
+    python scripts/gate_campaign.py analyze --results-dir results --out results/<fp>/gate_campaign.json
+
+``measure`` makes A/A runs: the same code, each run ``python -m harness validate`` in its own process
+(latency and memory suites, the tiny preset, the noise command's default plans), run ids
+``aa-<stamp>-NN``. ``analyze`` takes the first three runs as the noise floor (``harness noise``) and
+gates every later run against the one before it: each of those comparisons failing is a false
+alarm. Then the same pairs again with the candidate's latency of one combination scaled by 1.10 and
+1.20 (values and raw samples; every case of that plan): the share of scaled cases the gate flags
+is the detection rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+from harness import gate, noise, results
+
+NOISE_RUNS = 3
+SCALED_METRICS = ("time", "time_p90", "ratio_to_reference")
+
+
+def measure(args: argparse.Namespace) -> None:
+    stamp = results.new_run_id().split("-")[0]
+    for i in range(args.runs):
+        run_id = f"aa-{stamp}-{i + 1:02d}"
+        cmd = [sys.executable, "-m", "harness", "validate", "--preset", args.preset, "--device", "cpu", "--suites",
+               "latency,memory", "--results-dir", args.results_dir, "--run-id", run_id, "--budget-s", "0"]
+        for plan in noise.default_plans():
+            cmd += ["--plan", plan]
+        started = datetime.now(timezone.utc)
+        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
+        took = (datetime.now(timezone.utc) - started).total_seconds()
+        print(f"{run_id}: exit {proc.returncode} in {took:.0f} s", flush=True)
+        if proc.returncode not in (0, 1):
+            print(proc.stderr[-2000:], file=sys.stderr)
+
+
+def scaled(frame: pd.DataFrame, plan_id: str, factor: float) -> pd.DataFrame:
+    """The candidate with every latency figure of one plan ``factor`` times slower."""
+    out = frame.copy()
+    hit = (out["plan_id"] == plan_id) & (out["suite"] == "latency")
+    for idx in out.index[hit]:
+        metric = out.at[idx, "metric"]
+        if metric in SCALED_METRICS:
+            out.at[idx, "value"] = out.at[idx, "value"] * factor
+            out.at[idx, "samples"] = [s * factor for s in out.at[idx, "samples"]]
+        elif metric == "tokens_per_s":
+            out.at[idx, "value"] = out.at[idx, "value"] / factor
+    return out
+
+
+def analyze(args: argparse.Namespace) -> dict:
+    frame = results.load(args.results_dir)
+    frame = frame[frame["run_id"].str.startswith("aa-")]
+    runs = frame.sort_values("timestamp").drop_duplicates("run_id")["run_id"].tolist()
+    if len(runs) < NOISE_RUNS + 2:
+        raise SystemExit(f"need at least {NOISE_RUNS + 2} A/A runs, found {len(runs)}")
+    config = gate.load_config()
+    noise_frame = frame[frame["run_id"].isin(runs[:NOISE_RUNS])]
+    floors = {}
+    for fp, items in noise.floors(noise_frame).items():
+        for f in items:
+            floors[(fp, f.preset, f.device, f.dtype, f.suite, f.case, f.metric)] = f.noise
+    by_run = {r: frame[frame["run_id"] == r] for r in runs}
+    pairs = list(zip(runs[NOISE_RUNS:-1], runs[NOISE_RUNS + 1:], strict=True))
+    false_alarms, gated, details = 0, [], []
+    for a, b in pairs:
+        result = gate.compare(by_run[a], by_run[b], config, floors)
+        gated.append(sum(c.verdict not in ("ungated",) for c in result.comparisons))
+        bad = [f"{c.name} {c.plan_short} {gate._pct(c.change)}" for c in result.regressions]
+        false_alarms += bool(bad)
+        details.append({"baseline": a, "candidate": b, "exit": result.exit_code, "regressions": bad,
+                        "noisy": sum(c.verdict == "noisy" for c in result.comparisons)})
+    plans = sorted(set(frame[(frame["plan_id"] != "") & (frame["suite"] == "latency")
+                             & (frame["metric"] == "ratio_to_reference")]["plan_id"]))
+    detection = {}
+    for factor in (1.10, 1.20):
+        cases = hits = trials = failed_trials = 0
+        for a, b in pairs:
+            for plan in plans:
+                result = gate.compare(by_run[a], scaled(by_run[b], plan, factor), config, floors)
+                trials += 1
+                failed_trials += result.exit_code == gate.EXIT_REGRESSION
+                mine = [c for c in result.comparisons if c.plan_id == plan and c.metric == "ratio_to_reference"]
+                cases += len(mine)
+                hits += sum(c.verdict == "regressed" for c in mine)
+        detection[f"{factor:.2f}"] = {"cases": cases, "detected": hits, "rate": hits / cases if cases else math.nan,
+                                      "trials": trials, "gate_failed": failed_trials}
+    fp = sorted(set(frame["fingerprint_id"]))
+    from harness import fingerprint
+
+    here = fingerprint.collect()
+    summary = {
+        "fingerprint_id": fp, "cpu": here["stable"]["cpu"]["model"],
+        "usable_cpus": here["stable"]["cpu"]["usable_cpus"],
+        "runs": runs, "noise_runs": runs[:NOISE_RUNS], "comparisons": len(pairs), "false_alarms": false_alarms,
+        "false_alarm_rate": false_alarms / len(pairs), "gated_per_comparison": gated, "detection": detection,
+        "pairs": details, "config": gate.asdict(config), "plans": plans,
+        "noise_floors": {"/".join(k[4:]): (None if math.isinf(v) else v) for k, v in sorted(floors.items())},
+        "analyzed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    print(json.dumps({k: summary[k] for k in ("cpu", "comparisons", "false_alarms", "false_alarm_rate",
+                                              "detection")}, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("measure")
+    m.add_argument("--runs", type=int, default=24)
+    m.add_argument("--preset", default="tiny")
+    m.add_argument("--results-dir", default="results")
+    m.set_defaults(func=measure)
+    a = sub.add_parser("analyze")
+    a.add_argument("--results-dir", default="results")
+    a.add_argument("--out")
+    a.set_defaults(func=analyze)
+    args = p.parse_args()
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
