@@ -88,8 +88,12 @@ def test_auto_plan_records_each_skipped_preference():
     assert "not registered" in skipped[0].reason
 
 
+def test_device_auto_takes_the_gpu_when_there_is_one():
+    assert choose("auto", "fp32").target.device_type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def test_plan_auto_builds_and_reports():
-    model = qwen3_vl.from_pretrained("tiny", plan="auto", dtype="auto", device="auto")
+    model = qwen3_vl.from_pretrained("tiny", plan="auto", dtype="auto", device="cpu")
     assert model.hardware.profile is not None
     assert model.plan["attention"].name == model.hardware.profile.preferred["attention"][0]
     assert "profile:" in model.hardware.report()

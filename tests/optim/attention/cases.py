@@ -1,17 +1,25 @@
-"""Generated attention inputs and the checks every attention option must pass against eager."""
+"""Generated attention inputs and the checks every attention option must pass against eager.
+
+Inputs are made on the CPU (seeded) and moved to ``QWEN3VL_TEST_DEVICE`` (default cpu), so the same
+contracts run on a GPU: ``QWEN3VL_TEST_DEVICE=cuda python -m pytest tests/optim/attention``.
+"""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 from hypothesis import strategies as st
 
+from qwen3_vl.hardware.device import target_for
 from qwen3_vl.model.text import AttentionMask
 from qwen3_vl.optim.attention.eager import EagerAttention
 
 EXACT_FP32 = 1e-5
 EAGER = EagerAttention()
+DEVICE = os.environ.get("QWEN3VL_TEST_DEVICE", "cpu")
+TARGET = target_for(DEVICE)  # fp32; the real compute capability on a GPU
 
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -62,7 +70,8 @@ def text_cases(draw, head_dims=(16, 64, 72, 128), max_len: int = 70) -> TextCase
     k = torch.randn(shape(kv_heads, lk), generator=gen)
     v = torch.randn(shape(kv_heads, lk), generator=gen)
     # Real calls pass q/k/v as transposed views of [B, L, H, d] projections: keep that layout.
-    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2).to(DEVICE) for t in (q, k, v))
+    key_valid = None if key_valid is None else key_valid.to(DEVICE)
     return TextCase(q, k, v, AttentionMask(key_valid, causal), d**-0.5)
 
 
@@ -88,9 +97,9 @@ def vision_cases(draw, head_dims=(16, 64, 72)) -> VisionCase:
     d = draw(st.sampled_from(head_dims))
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     s = sum(lengths)
-    qkv = torch.randn(s, 3, heads, d, generator=gen)
+    qkv = torch.randn(s, 3, heads, d, generator=gen).to(DEVICE)
     q, k, v = qkv.unbind(1)  # strided views, as the ViT's qkv projection gives them
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
     return VisionCase(q * 2, k, v, cu, d**-0.5)
 
 

@@ -22,12 +22,10 @@ from qwen3_vl.optim.attention.dynamic_sparse import (
     router_kl,
     save_router,
 )
-from qwen3_vl.optim.plan import Target
 
-from .cases import EAGER, EXACT_FP32, rel_error, text_cases, vision_cases, vision_error
+from .cases import DEVICE, EAGER, EXACT_FP32, TARGET, rel_error, text_cases, vision_cases, vision_error
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-CPU = Target()
 
 
 @SETTINGS
@@ -44,7 +42,7 @@ def test_gathered_kernel_with_every_block_equals_dense(case, block):
 @SETTINGS
 @given(case=text_cases(), block=st.integers(1, 16))
 def test_block_sparse_at_density_one_is_dense_bitwise(case, block):
-    attention = BlockSparseAttention(CPU, block, 1.0, 1, 0)
+    attention = BlockSparseAttention(TARGET, block, 1.0, 1, 0)
     out = attention.text(case.q, case.k, case.v, case.mask, case.scale)
     assert torch.equal(out, EAGER.text(case.q, case.k, case.v, case.mask, case.scale))
 
@@ -53,7 +51,7 @@ def test_block_sparse_at_density_one_is_dense_bitwise(case, block):
 @given(case=text_cases(), block=st.integers(1, 16))
 def test_dynamic_sparse_at_density_one_is_dense_bitwise(case, block):
     d, hkv = case.q.shape[-1], case.k.shape[1]
-    attention = DynamicSparseAttention(CPU, Router.parameter_free(1, hkv, d, block), 1.0, 1)
+    attention = DynamicSparseAttention(TARGET, Router.parameter_free(1, hkv, d, block), 1.0, 1)
     out = attention.text(case.q, case.k, case.v, case.mask, case.scale)
     assert torch.equal(out, EAGER.text(case.q, case.k, case.v, case.mask, case.scale))
 
@@ -62,8 +60,8 @@ def test_dynamic_sparse_at_density_one_is_dense_bitwise(case, block):
 @given(case=text_cases(max_len=90), block=st.integers(2, 8), density=st.floats(0.05, 0.95))
 def test_sparse_outputs_are_finite_and_sparse(case, block, density):
     d, hkv = case.q.shape[-1], case.k.shape[1]
-    for attention in (BlockSparseAttention(CPU, block, density, 1, 3),
-                      DynamicSparseAttention(CPU, Router.parameter_free(1, hkv, d, block), density, 1)):
+    for attention in (BlockSparseAttention(TARGET, block, density, 1, 3),
+                      DynamicSparseAttention(TARGET, Router.parameter_free(1, hkv, d, block), density, 1)):
         out = attention.text(case.q, case.k, case.v, case.mask, case.scale)
         assert out.shape == case.q.shape and torch.isfinite(out).all()
         info = attention.describe()
@@ -76,8 +74,8 @@ def test_sparse_outputs_are_finite_and_sparse(case, block, density):
 @settings(max_examples=10, deadline=None)
 @given(case=vision_cases())
 def test_sparse_options_keep_the_vit_exact(case):
-    for attention in (BlockSparseAttention(CPU, 4, 0.25, 1, 0),
-                      DynamicSparseAttention(CPU, Router.parameter_free(1, 1, 16, 4), 0.25, 1)):
+    for attention in (BlockSparseAttention(TARGET, 4, 0.25, 1, 0),
+                      DynamicSparseAttention(TARGET, Router.parameter_free(1, 1, 16, 4), 0.25, 1)):
         assert vision_error(attention, case) <= EXACT_FP32
 
 
@@ -93,11 +91,11 @@ def test_static_selection_keeps_diagonal_sinks_globals_then_neighbours():
 
 def test_error_shrinks_as_density_grows():
     gen = torch.Generator().manual_seed(3)
-    q = torch.randn(1, 4, 128, 64, generator=gen) * 3
-    k, v = torch.randn(2, 1, 2, 128, 64, generator=gen)
+    q = (torch.randn(1, 4, 128, 64, generator=gen) * 3).to(DEVICE)
+    k, v = torch.randn(2, 1, 2, 128, 64, generator=gen).to(DEVICE)
     mask = AttentionMask(None, True)
     ref = EAGER.text(q, k, v, mask, 0.125)
-    errors = [rel_error(BlockSparseAttention(CPU, 8, density, 1, 0).text(q, k, v, mask, 0.125), ref)
+    errors = [rel_error(BlockSparseAttention(TARGET, 8, density, 1, 0).text(q, k, v, mask, 0.125), ref)
               for density in (0.125, 0.25, 0.5, 0.75, 1.0)]
     assert errors == sorted(errors, reverse=True) and errors[-1] == 0 and errors[0] > 1e-3
 
@@ -167,8 +165,8 @@ def test_router_file_round_trip_and_mismatch(tiny, tmp_path):
 
 def test_bad_parameters_are_refused():
     with pytest.raises(ValueError, match="density"):
-        BlockSparseAttention(CPU, 4, 0.0, 1, 0)
+        BlockSparseAttention(TARGET, 4, 0.0, 1, 0)
     with pytest.raises(ValueError, match="block"):
-        BlockSparseAttention(CPU, 0, 0.5, 1, 0)
+        BlockSparseAttention(TARGET, 0, 0.5, 1, 0)
     with pytest.raises(ValueError, match="density"):
-        DynamicSparseAttention(CPU, Router.parameter_free(1, 1, 16, 4), 1.5, 1)
+        DynamicSparseAttention(TARGET, Router.parameter_free(1, 1, 16, 4), 1.5, 1)
