@@ -226,6 +226,58 @@ def mapping_of(tensor: torch.Tensor) -> tuple[mmap.mmap, int, Path] | None:
     return None
 
 
+def materialize_mapped(tensors) -> int:
+    """Replace file-mapped tensors (parameters or buffers, in place via ``.data``) by copies in
+    process memory; returns the bytes copied.
+
+    Mapped tensors sit where the file puts them (safetensors aligns data to 8 bytes only), and CPU
+    kernels may round differently on such addresses than on the allocator's 64-byte aligned ones;
+    a resident model is therefore copied out of its mapping, which keeps its logits bitwise equal
+    to a model built in memory (and frees it from later changes to the file).
+    """
+    copied = 0
+    for t in tensors:
+        if mapping_of(t) is not None:
+            t.data = t.data.clone()
+            copied += t.numel() * t.element_size()
+    return copied
+
+
+def write_aligned_safetensors(tensors: dict[str, torch.Tensor], path: Path, align: int = 64) -> None:
+    """A valid safetensors file whose every tensor starts ``align``-byte aligned (when mapped).
+
+    Alignment is reached with explicit ``__pad_N`` uint8 entries between tensors and spaces after
+    the JSON header (both allowed by the format), so a reader of this file gets the same addresses
+    mod ``align`` as the allocator would give, and the same kernel paths.
+    """
+    names = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+             torch.bool: "BOOL"}
+    header, order, offset = {}, [], 0
+    for i, (key, t) in enumerate(tensors.items()):
+        n = t.numel() * t.element_size()
+        header[key] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        order.append((key, t))
+        offset += n
+        pad = -offset % align
+        if pad and i + 1 < len(tensors):
+            header[f"__pad_{i}"] = {"dtype": "U8", "shape": [pad], "data_offsets": [offset, offset + pad]}
+            order.append((None, pad))
+            offset += pad
+    text = json.dumps(header).encode()
+    text += b" " * (-(8 + len(text)) % align)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for key, t in order:
+            if key is None:
+                f.write(bytes(t))
+            else:
+                f.write(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
+    os.replace(tmp, path)
+
+
 def read_checkpoint(directory: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint directory, keyed as in the files."""
     tensors: dict[str, torch.Tensor] = {}

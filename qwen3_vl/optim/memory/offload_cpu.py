@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qwen3_vl.checkpoint import materialize_mapped
 from qwen3_vl.optim.memory.planner import MemoryPlan, parse_bytes, plan_memory
 from qwen3_vl.optim.memory.streaming import LayerStreamer, Unit, pack_unit
 from qwen3_vl.optim.plan import Optimization, Requirements
@@ -48,6 +49,8 @@ def place(model, plan: MemoryPlan, device: torch.device, make_unit) -> tuple[lis
                     t.data = t.data.to(device)
                 else:
                     table[name] = t.to(device)
+                if device.type == "cpu":  # a CPU "device" (tests): copy out of a checkpoint mapping too
+                    materialize_mapped([t if isinstance(t, nn.Parameter) else table[name]])
                 resident += t.numel() * t.element_size()
     if plan.host_embedding:
         keep_embedding_on_host(embed, device)

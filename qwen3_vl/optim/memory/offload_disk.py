@@ -13,7 +13,12 @@ On a CPU (the meaningful CPU semantics): the layers are computed in place from t
 and after each streamed unit (decoder layer, ViT block, and the output matrix) runs its pages
 are released from the process (``madvise(MADV_DONTNEED)``), so the resident set holds about one
 unit of weights at a time; the kernel's page cache keeps them while memory allows and re-reads
-them from disk when not. Both are exact: the same bytes reach the same kernels.
+them from disk when not. Both are exact, the same bytes reach the kernels. On a GPU they are
+staged through 64-byte aligned buffers, so logits are bitwise equal to ``resident``. On a CPU the
+layers compute at the file's addresses: a checkpoint's tensors are only 8-byte aligned, where CPU
+kernels may round differently (measured: 7e-7 relative on tiny, far inside 1e-5); ``copy=true``
+writes the streamed weights once into a 64-byte aligned offload file (the layout weights not from
+a checkpoint always get), which makes CPU runs bitwise equal too, at the cost of that disk space.
 
 Before a unit's weights are touched its backing files are checked against the sizes the headers
 promised, so a file truncated after loading raises ``CheckpointError`` instead of crashing the
@@ -30,7 +35,13 @@ from pathlib import Path
 
 import torch
 
-from qwen3_vl.checkpoint import CheckpointError, mapping_of, read_safetensors
+from qwen3_vl.checkpoint import (
+    CheckpointError,
+    mapping_of,
+    materialize_mapped,
+    read_safetensors,
+    write_aligned_safetensors,
+)
 from qwen3_vl.optim.memory.offload_cpu import place
 from qwen3_vl.optim.memory.planner import parse_bytes, plan_memory
 from qwen3_vl.optim.memory.streaming import LayerStreamer, Unit, _bind, _tensors_of, pack_unit
@@ -39,22 +50,21 @@ from qwen3_vl.optim.plan import Optimization
 PAGE = mmap.PAGESIZE
 
 
-def map_to_files(modules: dict[str, torch.nn.Module], folder: Path) -> int:
-    """Make every tensor of ``modules`` file-backed: write those that are not to one safetensors
-    file in ``folder`` and point the modules at its mapping. Returns the bytes written."""
-    from safetensors.torch import save_file
-
+def map_to_files(modules: dict[str, torch.nn.Module], folder: Path, copy: bool) -> int:
+    """Make every tensor of ``modules`` file-backed: write those that are not (all of them with
+    ``copy``) to one 64-byte aligned safetensors file in ``folder`` and point the modules at its
+    mapping. Returns the bytes written."""
     pending, owners = {}, {}
     for unit_name, module in modules.items():
         for i, (owner, kind, name, t) in enumerate(_tensors_of(module)):
-            if mapping_of(t) is None:
+            if copy or mapping_of(t) is None:
                 key = f"{unit_name}.{i}"
                 pending[key] = t.detach().contiguous()
                 owners[key] = (owner, kind, name)
     if not pending:
         return 0
     path = folder / "offload.safetensors"
-    save_file(pending, str(path))
+    write_aligned_safetensors(pending, path)
     written = sum(t.numel() * t.element_size() for t in pending.values())
     mapped = read_safetensors(path)
     for key, (owner, kind, name) in owners.items():
@@ -63,15 +73,17 @@ def map_to_files(modules: dict[str, torch.nn.Module], folder: Path) -> int:
 
 
 class FileChecks:
-    """Per unit: the mappings its tensors live in and the size each file must keep."""
+    """The mappings some tensors live in, the size each file must keep, and their whole pages."""
 
-    def __init__(self, unit: Unit) -> None:
+    def __init__(self, tensors: list[torch.Tensor], what: str, strict: bool = True) -> None:
         needs: dict[int, list] = {}
-        self.ranges = []  # (mmap, page-aligned start, length) fully inside the unit's tensors
-        for t in unit.host_views:
+        self.ranges = []  # (mmap, page-aligned start, length) fully inside the tensors
+        for t in tensors:
             found = mapping_of(t)
             if found is None:
-                raise CheckpointError(f"{unit.name}: a weight is not backed by a file; cannot offload it to disk")
+                if not strict:
+                    continue
+                raise CheckpointError(f"{what}: a weight is not backed by a file; cannot offload it to disk")
             mm, offset, path = found
             end = offset + t.numel() * t.element_size()
             entry = needs.setdefault(id(mm), [mm, 0, path])
@@ -120,8 +132,8 @@ class PinnedStager:
 class DiskOffload:
     name = "offload_disk"
 
-    def __init__(self, model, target, budget: str | int = "", folder: str = "", context: int = 4096,
-                 prefill: int = 2048, slots: int = 2) -> None:
+    def __init__(self, model, target, budget: str | int = "", folder: str = "", copy: bool = False,
+                 context: int = 4096, prefill: int = 2048, slots: int = 2) -> None:
         self.device = torch.device(target.device)
         self.folder = Path(folder) if folder else Path(tempfile.mkdtemp(prefix="qwen3vl-offload-"))
         if not folder:
@@ -136,6 +148,7 @@ class DiskOffload:
         self.kv_hot_tokens = self.plan.kv_hot_tokens
         self.streamer = None
         self.handles = []
+        self.copy = copy
         if self.device.type == "cpu":
             self._setup_cpu(model)
         else:
@@ -153,9 +166,16 @@ class DiskOffload:
         modules = self._streamed_modules(model)
         if self.plan.budget is None:
             modules["lm_head"] = model.lm_head  # half of a small model's bytes when tied
-        self.written_bytes = map_to_files(modules, self.folder)
+        self.written_bytes = map_to_files(modules, self.folder, self.copy)
         self.units = [pack_unit(name, m, in_place=True) for name, m in modules.items()]
-        self.checks = {id(u): FileChecks(u) for u in self.units}
+        self.checks = {id(u): FileChecks(u.host_views, u.name) for u in self.units}
+        in_units = {t.data_ptr() for u in self.units for t in u.host_views}
+        materialize_mapped([t for t in [*model.parameters(), *model.buffers()] if t.data_ptr() not in in_units])
+        # Everything else that lives in a file (embedding, norms, ...) is checked before the first
+        # module of a step touches it, so a truncated file is an error, not a SIGBUS.
+        whole = FileChecks([*model.parameters(), *model.buffers()], "model", strict=False)
+        for first in (model.language_model.embed_tokens, model.visual):
+            self.handles.append(first.register_forward_pre_hook(lambda m, a, c=whole: c.check()))
         for unit in self.units:
             check = self.checks[id(unit)]
             self.handles.append(unit.module.register_forward_pre_hook(lambda m, a, c=check: c.check()))
@@ -166,12 +186,12 @@ class DiskOffload:
 
     def _setup_device(self, model, slots: int) -> None:
         modules = self._streamed_modules(model)
-        self.written_bytes = map_to_files(modules, self.folder)
+        self.written_bytes = map_to_files(modules, self.folder, self.copy)
         names = {id(m): n for n, m in modules.items()}
         units, self.resident_bytes = place(model, self.plan, self.device,
                                            lambda n, m: pack_unit(names.get(id(m), n), m, in_place=True))
         self.units = units
-        self.checks = {id(u): FileChecks(u) for u in units}
+        self.checks = {id(u): FileChecks(u.host_views, u.name) for u in units}
         if units:
             stager = PinnedStager(max(u.nbytes for u in units), self.checks)
             first_layer = len(model.visual.blocks) if self.plan.stream_vision else 0
@@ -196,6 +216,6 @@ OPTION = Optimization(
     summary="Weights memory-mapped from the safetensors files; GPU: streamed via pinned staging into two "
     "recycled buffers; CPU: computed in place with each layer's pages released after use (low RSS).",
     build=lambda model, target, **params: DiskOffload(model, target, **params),
-    defaults={"budget": "", "folder": "", "context": 4096, "prefill": 2048, "slots": 2},
+    defaults={"budget": "", "folder": "", "copy": False, "context": 4096, "prefill": 2048, "slots": 2},
     variants=({"budget": ""},),
 )

@@ -56,10 +56,12 @@ def human(n: float) -> str:
 
 
 def module_bytes(module: nn.Module) -> int:
+    from qwen3_vl.optim.memory.streaming import storage_key
+
     seen, total = set(), 0
     for t in list(module.parameters()) + list(module.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
+        if storage_key(t) not in seen:
+            seen.add(storage_key(t))
             total += t.numel() * t.element_size()
     return total
 
@@ -161,11 +163,13 @@ def plan_memory(model, budget: int | None, *, context: int = 4096, prefill: int 
     streamed_ids = {id(t) for m in [*layers, *blocks] for t in [*m.parameters(), *m.buffers()]}
     host_embedding = not model.config.tie_word_embeddings
     embed_ids = {id(t) for t in [*text.embed_tokens.parameters(), *text.embed_tokens.buffers()]}
+    from qwen3_vl.optim.memory.streaming import storage_key
+
     fixed, seen = 0, set()
     for t in [*model.parameters(), *model.buffers()]:
-        if id(t) in streamed_ids or t.data_ptr() in seen or (host_embedding and id(t) in embed_ids):
+        if id(t) in streamed_ids or storage_key(t) in seen or (host_embedding and id(t) in embed_ids):
             continue
-        seen.add(t.data_ptr())
+        seen.add(storage_key(t))
         fixed += t.numel() * t.element_size()
 
     per_token = kv_bytes_per_token(model, dtype_bytes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from qwen3_vl.checkpoint import materialize_mapped
 from qwen3_vl.optim.memory.planner import module_bytes
 from qwen3_vl.optim.plan import Optimization
 
@@ -11,6 +12,8 @@ class ResidentMemory:
 
     def __init__(self, model, target) -> None:
         model.to(target.device)
+        # Checkpoints are read as memory maps; a resident model holds its own aligned copy.
+        materialize_mapped([*model.parameters(), *model.buffers()])
         self.device_weight_bytes = module_bytes(model)  # each storage once (a tied matrix is one tensor)
 
     def describe(self) -> dict:

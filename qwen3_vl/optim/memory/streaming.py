@@ -39,11 +39,16 @@ def _tensors_of(module: nn.Module) -> list[tuple[nn.Module, str, str, torch.Tens
     for owner in module.modules():
         for kind, table in (("param", owner._parameters), ("buffer", owner._buffers)):
             for name, t in table.items():
-                if t is None or t.data_ptr() in seen:
+                if t is None or storage_key(t) in seen:
                     continue
-                seen.add(t.data_ptr())
+                seen.add(storage_key(t))
                 out.append((owner, kind, name, t))
     return out
+
+
+def storage_key(t: torch.Tensor):
+    """Identifies shared storage (tied weights); meta tensors (sizes only) have no address."""
+    return id(t) if t.is_meta else (t.device, t.data_ptr())
 
 
 def _bind(owner: nn.Module, kind: str, name: str, tensor: torch.Tensor) -> None:
