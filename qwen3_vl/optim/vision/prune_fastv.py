@@ -7,9 +7,11 @@ states, the 3D positions, the visual mask and the DeepStack features, so layers 
 their KV cache) hold only the kept tokens. Approximate (Chen et al., 2024, "An Image is Worth
 1/2 Tokens After Layer 2").
 
-The ranking attention is recomputed from layer ``K-1``'s input (its q for the last token, its
-k for the step's tokens), so it works with every attention backend. In a step that follows
-cached tokens (a later conversation turn), only the step's own keys enter the softmax.
+The ranking attention is recomputed from layer ``K-1``'s normalised input (its q for the last
+token, its k for the step's tokens), so it works with every attention backend. It is computed in a
+one-shot forward hook on that layer's attention module, i.e. while the layer runs, so weights that
+are streamed in per layer (``memory=offload_*``) are in place. In a step that follows cached
+tokens (a later conversation turn), only the step's own keys enter the softmax.
 Limits: layers then hold different numbers of tokens, which only ``kv_cache=dynamic`` supports;
 padded batches are refused (one conversation per row, unpadded, or use ``prune_pre``).
 """
@@ -34,10 +36,9 @@ from qwen3_vl.optim.vision.pruning import (
 RAGGED_CACHES = ("dynamic",)  # caches whose layers may hold different numbers of tokens
 
 
-def last_token_attention(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """[B, L]: attention the last token gives each token in ``layer`` (softmax in fp32, mean over heads)."""
-    attn = layer.self_attn
-    h = layer.input_layernorm(x)
+def last_token_attention(attn, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """[B, L]: attention the last token gives each token in the attention module ``attn`` whose
+    (normalised) input is ``h`` (softmax in fp32, mean over heads)."""
     b, n, _ = h.shape
     d, groups = attn.head_dim, attn.num_heads // attn.num_kv_heads
     q = attn.q_norm(attn.q_proj(h[:, -1:]).view(b, 1, -1, d)).transpose(1, 2)  # [B, Hq, 1, d]
@@ -60,6 +61,7 @@ class FastV(FullVision):
         self.kept: list[int] | None = None
         self.index: torch.Tensor | None = None
         self._scores: torch.Tensor | None = None
+        self._capture = None  # the one-shot hook handle on layer K-1's attention
         # At ratio 1 nothing is dropped: no hook at all, so the computation is exactly full's.
         self.layer_hook = self.prune if self.ratio < 1.0 else None
 
@@ -67,9 +69,11 @@ class FastV(FullVision):
         if index == self.layer - 1:
             if mask.key_valid is not None:
                 raise InputError("prune_fastv does not support padded batches; run the rows separately")
-            self._scores = last_token_attention(text_model.layers[index], x, cos, sin)
+            self._arm(text_model.layers[index].self_attn)
         elif index == self.layer:
             scores, self._scores = self._scores, None
+            if scores is None:
+                raise RuntimeError(f"prune_fastv: layer {self.layer - 1}'s attention did not run through its module")
             n = same_count_per_row("prune_fastv", visual_mask.sum(1))
             k = keep_count(n, self.ratio)
             top = scores.masked_fill(~visual_mask, float("-inf")).topk(k, dim=1).indices
@@ -80,6 +84,19 @@ class FastV(FullVision):
             deepstack = [d[rows] for d in deepstack] if deepstack else deepstack
             self.kept, self.index = [k] * x.shape[0], index_kept
         return x, cos, sin, visual_mask, deepstack
+
+    def _arm(self, attn) -> None:
+        if self._capture is not None:  # left over from a step that failed before the layer ran
+            self._capture.remove()
+
+        def capture(module, args, output):
+            self._capture.remove()
+            self._capture = None
+            h, cos, sin = args[:3]
+            self._scores = last_token_attention(module, h, cos, sin)
+
+        self._scores = None
+        self._capture = attn.register_forward_hook(capture)
 
 
 def _build(model, target, layer: int = 2, ratio: float = 0.5) -> FastV:

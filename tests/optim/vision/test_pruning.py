@@ -224,3 +224,27 @@ def test_measured_error_is_within_the_declared_budget(full, option, ratio):
             assert measured[f"{phase}_kl"] <= budget["kl"]
             assert measured[f"{phase}_logits_rel"] <= budget["logits_rel"]
             assert measured[f"{phase}_top1_agreement"] >= budget["top1_agreement"]
+
+
+def test_fastv_scores_layers_whose_weights_are_streamed_in(full):
+    """Offloading streams a layer's weights in from a pre-hook on the decoder layer and lets them go after
+    it: FastV must score while layer K-1 runs, not before (planted: weights are NaN outside the layer)."""
+    plan = "vision=prune_fastv[ratio=0.25]"
+    ids, pixels, grid = image_prompt(full.config, GRIDS, seed=9)
+    expected = build(plan)(ids, pixel_values=pixels, image_grid_thw=grid)
+    model = build(plan)
+    layer = model.language_model.layers[1]  # K - 1
+    weights = {name: p.detach().clone() for name, p in layer.named_parameters()}
+
+    def stream_in(module, args):
+        for name, p in module.named_parameters():
+            p.data.copy_(weights[name])
+
+    def stream_out(module, args, output):
+        for p in module.parameters():
+            p.data.fill_(float("nan"))
+
+    stream_out(layer, None, None)
+    layer.register_forward_pre_hook(stream_in)
+    layer.register_forward_hook(stream_out)
+    assert torch.equal(model(ids, pixel_values=pixels, image_grid_thw=grid), expected)
