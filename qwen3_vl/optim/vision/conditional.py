@@ -215,6 +215,7 @@ class ConditionalVision(FullVision):
 
     def encode(self, model, pixel_values, grid_thw):
         key, identity = content_key(pixel_values, grid_thw, model.visual.compute_dtype)
+        del self._records[:-1]  # a prompt has at most two visual kinds: older records are never used
         found = self.cache.get(key, identity, model.device)
         if found is not None:
             self._records.append(None)

@@ -93,6 +93,7 @@ class PrunePre(FullVision):
         self._units: tuple[torch.Tensor, torch.Tensor, int] | None = None
 
     def encode(self, model, pixel_values, grid_thw):
+        del self._records[:-1]  # a prompt has at most two visual kinds: older records are never used
         if self.method != "attention" or self.ratio >= 1.0:
             tokens, deepstack = super().encode(model, pixel_values, grid_thw)
             self._records.append((grid_thw.cpu(), None))
