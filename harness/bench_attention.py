@@ -113,28 +113,20 @@ def runtimes(target, profile, config) -> dict[str, tuple[Choice, object, list[Fa
         if reason:
             out[opt.name] = (choice, None, [Fallback("attention", opt.name, "-", reason)])
             continue
-        holder = _FallbackHolder()
         if opt.name == "dynamic_sparse":  # op level: no model to calibrate on; cost does not depend on weights
             router = Router.parameter_free(1, t.num_key_value_heads, t.head_dim, opt.defaults["block"])
             runtime = DynamicSparseAttention(target, router, opt.defaults["density"], opt.defaults["sink_blocks"])
         else:
-            runtime = opt.build(holder, target, **params)
-        out[opt.name] = (choice, runtime, holder.fallbacks)
+            runtime = opt.build(None, target, **params)
+        out[opt.name] = (choice, runtime, [])
     return out
-
-
-class _FallbackHolder:
-    """Stands in for the model where an option's build records a fallback (flash_kv's engine)."""
-
-    def __init__(self) -> None:
-        self.fallbacks: list[Fallback] = []
 
 
 def _describe(runtime) -> str:
     if not hasattr(runtime, "describe"):
         return ""
     info = runtime.describe()
-    keep = {k: info[k] for k in ("engine", "ran", "kept_fraction", "dense_calls") if k in info}
+    keep = {k: info[k] for k in ("ran", "kept_fraction", "dense_calls") if k in info}
     return json.dumps(keep, sort_keys=True)
 
 
@@ -351,7 +343,9 @@ def main(argv: list[str] | None = None) -> int:
           f"profile {profile.name}, torch {torch.__version__}")
     for line in applied:
         print(f"  emulation: {line}")
-    all_rows = []
+    all_rows = [{"case": c, "option": str(choice), "exact": registry.get("attention", n).exact, "fallbacks": fbs,
+                 "error": f"unavailable: {fbs[0].reason}"}
+                for c in cases for n, (choice, runtime, fbs) in built.items() if runtime is None]
     started = time.perf_counter()
     for name in cases:
         case = make_case(name, config, compute, target.device)
@@ -371,9 +365,9 @@ def main(argv: list[str] | None = None) -> int:
             flag = "" if r["exact_ok"] else "  <-- EXACT OPTION DISAGREES"
             print(f"  {r['option']:58} {r['median_ms']:10.2f} {r['ratio']:8.2f} "
                   f"{_fmt_bytes(peak_bytes(r, target.device)):>10} {r['rel_err']:9.1e}  {r['describe']}{flag}")
-    for name, (_, _runtime, fallbacks) in built.items():
+    for name, (_, runtime, fallbacks) in built.items():
         for fb in fallbacks:
-            print(f"note: {name}: {fb.reason}")
+            print(f"note: {name} not measured: {fb.reason}" if runtime is None else f"note: {name}: {fb.reason}")
     print(f"\n{time.perf_counter() - started:.0f} s")
     if not args.no_store:
         print(f"stored: {store(all_rows, args, target, target.dtype)}")

@@ -7,7 +7,10 @@ machine and a device to a profile; ``auto_plan`` turns a profile into a concrete
 every preference it had to skip and why.
 
 Preferences are exact options only: an approximate option (sparse attention, approximated RoPE,
-weight quantization, token pruning) changes outputs and must be asked for by name.
+weight quantization, token pruning) changes outputs and must be asked for by name. Attention
+preferences follow ``python -m harness.bench_attention``: on CPU (2b shapes) sdpa was 3-10x faster
+than eager at 10-60x less memory and faster than every other option; flash_kv (flash-attn) is
+first where it can run (sm80+, bf16, package installed) and falls back to sdpa elsewhere.
 Option names of axes other than attention and rope follow their issues; names not registered in
 this build are skipped with the reason recorded.
 """
@@ -66,10 +69,13 @@ PROFILES: dict[str, Profile] = {
         description="i5-10210U (4C/8T AVX2) + Pascal GPU sm_61 (GTX 1050/1060, MX250 class, 2-6 GB) + NVMe",
         device="cuda",
         dtype="fp16",  # fp16 arithmetic runs at 1/64 rate on GP10x: store fp16, compute fp32
-        preferred={"attention": ("sdpa", "tiled", "eager"), "rope": ("cached", "standard"), **_EXACT_REST},
+        preferred={"attention": ("sdpa", "eager"), "rope": ("cached", "standard"), **_EXACT_REST},
         # Flash and cuDNN attention need sm80; the mem-efficient kernel runs from sm50 (fp16/fp32).
         sdpa_backends=("efficient", "math"),
-        tiles={"block_q": 64, "block_k": 64, "block_k_decode": 256, "split": 256},
+        # Tile sizes for attention=tiled (applied by plan="auto" when it picks tiled, shown by `python -m
+        # qwen3_vl hardware`, used by the attention benchmark; tiled is never a preference: slower than
+        # sdpa wherever measured). 64x64 fp32 Q and K tiles are 32 KB, inside Pascal's 48 KB per block.
+        tiles={"block_q": 64, "block_k": 64, "block_k_decode": 256},
         max_pixels=256 * TOKEN_PIXELS,
         compute_capability=(6, 1),
         memory_bytes=4 * GiB,
@@ -84,7 +90,7 @@ PROFILES: dict[str, Profile] = {
         dtype="fp32",
         preferred={"attention": ("sdpa", "eager"), "rope": ("cached", "standard"), **_EXACT_REST},
         sdpa_backends=("flash", "math"),  # on CPU "flash" is PyTorch's fused CPU kernel
-        tiles={"block_q": 128, "block_k": 512, "block_k_decode": 2048, "split": 512},
+        tiles={"block_q": 128, "block_k": 512, "block_k_decode": 2048},
         max_pixels=256 * TOKEN_PIXELS,
         threads=4,
     ),
@@ -95,7 +101,7 @@ PROFILES: dict[str, Profile] = {
         dtype="fp32",
         preferred={"attention": ("sdpa", "eager"), "rope": ("cached", "standard"), **_EXACT_REST},
         sdpa_backends=("flash", "math"),
-        tiles={"block_q": 128, "block_k": 512, "block_k_decode": 2048, "split": 512},
+        tiles={"block_q": 128, "block_k": 512, "block_k_decode": 2048},
         max_pixels=512 * TOKEN_PIXELS,
     ),
     "cuda-sm70": Profile(
@@ -103,9 +109,9 @@ PROFILES: dict[str, Profile] = {
         description="Volta/Turing GPU (sm_70-sm_75: V100, T4, RTX 20xx): no bf16, no flash kernels",
         device="cuda",
         dtype="fp16",
-        preferred={"attention": ("sdpa", "tiled", "eager"), "rope": ("cached", "standard"), **_EXACT_REST},
+        preferred={"attention": ("sdpa", "eager"), "rope": ("cached", "standard"), **_EXACT_REST},
         sdpa_backends=("efficient", "math"),
-        tiles={"block_q": 128, "block_k": 128, "block_k_decode": 512, "split": 512},
+        tiles={"block_q": 128, "block_k": 128, "block_k_decode": 512},
         max_pixels=1024 * TOKEN_PIXELS,
         compute_capability=(7, 0),
         memory_bytes=16 * GiB,
@@ -119,7 +125,7 @@ PROFILES: dict[str, Profile] = {
         dtype="bf16",
         preferred={"attention": ("flash_kv", "sdpa", "eager"), "rope": ("cached", "standard"), **_EXACT_REST},
         sdpa_backends=("flash", "efficient", "cudnn", "math"),
-        tiles={"block_q": 128, "block_k": 128, "block_k_decode": 1024, "split": 1024},
+        tiles={"block_q": 128, "block_k": 128, "block_k_decode": 1024},
         max_pixels=16384 * TOKEN_PIXELS,
         compute_capability=(8, 0),
     ),

@@ -128,11 +128,10 @@ def test_emulated_target_reports_the_profile_capability():
     assert target.compute_capability == (6, 1)
     assert target.emulated_profile == "sm61-laptop"
     assert "emulating sm61-laptop" in target.device_name
-    # Options then see Pascal: flash-attn off, SDPA limited to the profile's kernels.
-    from qwen3_vl.optim.attention.flash_kv import flash_attn_unavailable
+    # Options then see Pascal: flash_kv unavailable, SDPA limited to the profile's kernels.
     from qwen3_vl.optim.attention.sdpa import candidate_backends
 
-    assert "compute capability" in flash_attn_unavailable(target)
+    assert "compute capability >= 8.0" in registry.get("attention", "flash_kv").unavailable(target)
     assert candidate_backends(target)[0] == ["efficient", "math"]
 
 

@@ -21,7 +21,6 @@ from ...model.prompts import image_prompt, left_pad, relative_error, text_ids
 EXACT_PLANS = [
     "attention=sdpa",
     "attention=tiled[block_q=8;block_k=16;block_k_decode=16]",
-    "attention=flash_kv[split=16]",
     "attention=block_sparse[block=4;density=1.0]",
     "attention=dynamic_sparse[block=4;density=1.0;calibration_tokens=32;steps=5]",
     "attention=tiled[block_q=8;block_k=16;block_k_decode=16],rope=cached",
@@ -85,6 +84,27 @@ def test_exact_plan_matches_the_reference(plan, reference_outputs):
     # Padded positions too: every option reproduces eager on queries that see no key.
     assert relative_error(ours["padded_logits"], ref["padded_logits"]) <= TOL
     assert relative_error(ref["chunked_logits"], ref["image_logits"]) <= TOL  # the chunked check is meaningful
+
+
+def test_flash_kv_through_the_model_matches_the_reference(reference_outputs):
+    """flash_kv needs CUDA sm80+ and flash-attn; here its calls go to a stand-in with flash-attn's
+    documented semantics, inside the real model (cache layouts, decode, the ViT's varlen segments)."""
+    from qwen3_vl.optim.attention.flash_kv import FlashKVAttention
+    from qwen3_vl.optim.plan import Target
+
+    from . import fake_flash_attn
+
+    model, image, padded, ref = reference_outputs
+    model.apply_plan(qwen3_vl.Plan.parse("reference"), model.target)
+    model.attention = FlashKVAttention(Target("cuda", "bf16", (9, 0)), fake_flash_attn)
+    ours = _run(model, image, padded)
+    for key in ("image_tokens", "padded_tokens"):
+        assert torch.equal(ours[key], ref[key]), key
+    for key in ("image_logits", "chunked_logits", "padded_logits"):
+        assert relative_error(ours[key], ref[key]) <= TOL, key
+    ran = model.attention.describe()["ran"]
+    assert set(ran) == {"vision", "prefill", "decode"}
+    assert "flash_attn_with_kvcache" in ran["decode"] and any("padded" in k for k in ran["decode"])
 
 
 @pytest.mark.skipif(os.environ.get("QWEN3VL_MINI") != "1", reason="mini end-to-end is opt-in: QWEN3VL_MINI=1")

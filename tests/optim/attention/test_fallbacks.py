@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 import qwen3_vl
 from qwen3_vl.optim import registry
-from qwen3_vl.optim.attention import flash_kv
 from qwen3_vl.optim.attention.sdpa import SdpaAttention, candidate_backends
 from qwen3_vl.optim.plan import Fallback, Plan, Target, resolve
 
@@ -30,15 +29,16 @@ def flash_attn_installed(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", fake)
 
 
-def test_no_cuda_flash_kv_records_its_engine_fallback():
+def flash_kv_resolution(target):
+    used, fallbacks = resolve(Plan.parse("attention=flash_kv"), target)
+    return used["attention"].name, fallbacks
+
+
+def test_no_cuda_flash_kv_falls_back_to_sdpa_with_reason():
     model = qwen3_vl.from_pretrained("tiny", plan="attention=flash_kv")
-    assert model.plan["attention"].name == "flash_kv"
-    assert model.fallbacks == [
-        Fallback("attention", "flash_kv[engine=flash_attn]", "flash_kv[engine=torch]",
-                 "flash-attn needs a CUDA GPU, target is cpu")
-    ]
-    assert "flash-attn needs a CUDA GPU" in model.plan_report()
-    assert model.attention.describe()["engine"] == "torch"
+    assert model.plan["attention"].name == "sdpa"
+    assert model.fallbacks == [Fallback("attention", "flash_kv", "sdpa", "needs device cuda, target is cpu")]
+    assert "attention: flash_kv -> sdpa (needs device cuda, target is cpu)" in model.plan_report()
 
 
 def test_no_cuda_device_is_one_clear_error():
@@ -48,28 +48,39 @@ def test_no_cuda_device_is_one_clear_error():
         qwen3_vl.from_pretrained("tiny", device="cuda")
 
 
-def test_below_sm80_flash_kv_uses_torch_engine_with_reason():
-    attention = flash_kv.FlashKVAttention(PASCAL, 64)
-    assert attention.engine == "torch"
-    assert attention.reason == "flash-attn needs compute capability >= 8.0, GPU has 6.1"
+def test_gpu_below_sm80_falls_back(flash_attn_installed):
+    pascal_bf16 = Target("cuda", "bf16", (6, 1), "fake GTX 1060")
+    assert flash_kv_resolution(pascal_bf16) == (
+        "sdpa", [Fallback("attention", "flash_kv", "sdpa", "needs compute capability >= 8.0, GPU has 6.1")])
 
 
-def test_missing_flash_attn_package(monkeypatch):
+def test_missing_flash_attn_package_falls_back(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real(name, *a))
-    assert flash_kv.flash_attn_unavailable(HOPPER) == "package 'flash_attn' is not installed"
+    assert flash_kv_resolution(HOPPER) == (
+        "sdpa", [Fallback("attention", "flash_kv", "sdpa", "package 'flash_attn' is not installed")])
 
 
-def test_flash_attn_needs_half_precision(flash_attn_installed):
-    assert "fp16/bf16" in flash_kv.flash_attn_unavailable(HOPPER_FP32)
-    assert flash_kv.flash_attn_unavailable(HOPPER) is None  # everything there: the package engine is used
+def test_flash_attn_needs_bf16_compute(flash_attn_installed):
+    name, [fallback] = flash_kv_resolution(HOPPER_FP32)
+    assert name == "sdpa" and fallback.reason == "supports dtypes bf16, not fp32"
+    name, [fallback] = flash_kv_resolution(Target("cuda", "fp16", (9, 0)))  # fp16 storage computes in fp32
+    assert name == "sdpa" and "not fp16" in fallback.reason
+    assert flash_kv_resolution(HOPPER) == ("flash_kv", [])  # everything there: it runs
 
 
-def test_flash_attn_off_when_emulating_a_profile_without_flash(flash_attn_installed):
-    emulated = Target("cuda", "fp16", (6, 1), "fake H100 emulating sm61-laptop", emulated_profile="sm61-laptop")
-    assert "emulating sm61-laptop" in flash_kv.flash_attn_unavailable(
-        Target("cuda", "bf16", (9, 0), "", emulated_profile="sm61-laptop"))
-    assert flash_kv.flash_attn_unavailable(emulated).startswith("flash-attn needs compute capability")
+def test_flash_kv_off_when_emulating_a_profile_without_flash(flash_attn_installed):
+    emulated = Target("cuda", "bf16", (9, 0), "fake H100", emulated_profile="cuda-sm70")
+    name, [fallback] = flash_kv_resolution(emulated)
+    assert name == "sdpa" and fallback.reason == "emulating cuda-sm70, which has no flash kernels"
+
+
+def test_auto_plan_on_an_h100_without_flash_attn_records_the_skip():
+    from qwen3_vl.hardware.profiles import auto_plan, get_profile
+
+    plan, skipped = auto_plan(get_profile("cuda-sm80plus"), HOPPER)
+    assert plan["attention"].name == "sdpa"
+    assert any(fb.requested == "flash_kv" and "flash_attn" in fb.reason for fb in skipped)
 
 
 def test_pascal_sdpa_backends_are_efficient_and_math_only():
