@@ -8,6 +8,7 @@ model's device; greedy decoding is deterministic.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 
@@ -101,27 +102,63 @@ def generate(
         streamer.put(input_ids.cpu())
 
     logits = model.step(embeds, positions, attention_mask, cache, visual_mask, deepstack, logits_to_keep=1)
-    eos_ids = torch.tensor(eos, device=device, dtype=torch.long)
+    request = DecodeRequest(
+        cache, logits, next_position, max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p,
+        eos, pad, generator, streamer,
+    )
+    tokens = model.execution.decode(model, request)
+    if streamer is not None:
+        streamer.end()
+    return torch.cat([input_ids.to(device), tokens], dim=1)
+
+
+@dataclass
+class DecodeRequest:
+    """Everything a decode loop needs after the prefill (see ``qwen3_vl/optim/execution``)."""
+
+    cache: object
+    logits: torch.Tensor  # [B, 1, V] logits of the last prompt position
+    next_position: torch.Tensor  # [1, B, 1] position of the first generated token
+    max_new_tokens: int
+    min_new_tokens: int
+    do_sample: bool
+    temperature: float
+    top_k: int
+    top_p: float
+    eos: list[int]
+    pad: int
+    generator: torch.Generator | None
+    streamer: object
+
+    def choose(self, logits: torch.Tensor, step: int, finished: torch.Tensor) -> torch.Tensor:
+        """The step's tokens from [B, V] logits: end tokens masked before min_new_tokens, finished
+        rows padded. Runs on the device with no host synchronisation."""
+        if step < self.min_new_tokens and self.eos:
+            logits = logits.float().clone()
+            logits[:, self.eos] = float("-inf")
+        token = sample_next(logits, self.do_sample, self.temperature, self.top_k, self.top_p, self.generator)
+        return torch.where(finished, torch.full_like(token, self.pad), token)
+
+
+def decode_loop(model, request: DecodeRequest) -> torch.Tensor:
+    """The reference decode loop: one ``model.step`` per token. Returns [B, generated]."""
+    batch = request.logits.shape[0]
+    device = request.logits.device
+    eos_ids = torch.tensor(request.eos, device=device, dtype=torch.long)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    out = []
-    for step in range(max_new_tokens):
-        step_logits = logits[:, -1].float()
-        if step < min_new_tokens and len(eos):
-            step_logits[:, eos_ids] = float("-inf")
-        token = sample_next(step_logits, do_sample, temperature, top_k, top_p, generator)
-        token = torch.where(finished, torch.full_like(token, pad), token)
+    logits, next_position, out = request.logits, request.next_position, []
+    for step in range(request.max_new_tokens):
+        token = request.choose(logits[:, -1], step, finished)
         out.append(token)
-        if streamer is not None:
-            streamer.put(token.cpu())
-        if len(eos):
+        if request.streamer is not None:
+            request.streamer.put(token.cpu())
+        if request.eos:
             finished = finished | torch.isin(token, eos_ids)
             if bool(finished.all()):
                 break
-        if step == max_new_tokens - 1:
+        if step == request.max_new_tokens - 1:
             break
-        embeds = model.language_model.embed_tokens(token[:, None].to(device)).to(model.compute_dtype)
-        logits = model.step(embeds, next_position.expand(3, batch, 1), None, cache)
+        embeds = model.language_model.embed_tokens(token[:, None]).to(model.compute_dtype)
+        logits = model.step(embeds, next_position.expand(3, batch, 1), None, request.cache)
         next_position = next_position + 1
-    if streamer is not None:
-        streamer.end()
-    return torch.cat([input_ids.to(device), torch.stack(out, dim=1)], dim=1)
+    return torch.stack(out, dim=1)

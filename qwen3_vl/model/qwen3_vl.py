@@ -1,7 +1,7 @@
 """Qwen3-VL: vision encoder + text decoder + LM head, with every optimization routed through a plan.
 
 The model holds one runtime object per plan axis (``model.attention``, ``model.rope``,
-``model.kv_cache``, ``model.memory``, ``model.quant``, ``model.vision``; see
+``model.kv_cache``, ``model.memory``, ``model.quant``, ``model.vision``, ``model.execution``; see
 ``qwen3_vl/optim/registry.py`` for what each provides). ``model.visual`` is the ViT module itself.
 """
 
@@ -64,7 +64,7 @@ class Qwen3VL(nn.Module):
         return "\n".join(lines)
 
     def new_cache(self, batch: int, max_tokens: int):
-        return self.kv_cache.new(batch, max_tokens)
+        return self.execution.new_cache(self, batch, max_tokens)
 
     # ------------------------------------------------------------------------------------------
     # Forward pieces

@@ -54,11 +54,16 @@ class TextAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The q, k, v projections (one fused matmul in ``qwen3_vl/optim/execution/fusion.py``)."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
     def forward(self, x, cos, sin, mask: AttentionMask, cache, attention) -> torch.Tensor:
         b, n, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(b, n, -1, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(b, n, -1, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(x).view(b, n, -1, self.head_dim).transpose(1, 2)
+        q, k, v = self.project(x)
+        q = self.q_norm(q.view(b, n, -1, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(k.view(b, n, -1, self.head_dim)).transpose(1, 2)
+        v = v.view(b, n, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v, key_valid = cache.update(self.layer_idx, k, v)

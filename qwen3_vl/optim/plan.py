@@ -89,6 +89,8 @@ class Optimization:
     error_budget: Mapping[str, float] = field(default_factory=dict)
     requires: Requirements = field(default_factory=Requirements)
     conflicts: tuple[str, ...] = ()  # "axis=option" entries this option cannot be combined with
+    # "axis=option|option" entries: this option runs only alongside one of the listed options.
+    needs: tuple[str, ...] = ()
     fallback: str | None = None  # option of the same axis used when this one is unavailable
     probe: Callable[[Target], str | None] | None = None  # extra check; returns a reason or None
     defaults: Mapping[str, Any] = field(default_factory=dict)
@@ -308,11 +310,17 @@ def conflicts_of(plan: Plan) -> list[str]:
     from qwen3_vl.optim.registry import get
 
     chosen = {f"{axis}={choice.name}" for axis, choice in plan.choices}
+    names = {axis: choice.name for axis, choice in plan.choices}
     reasons = []
     for axis, choice in plan.choices:
-        for other in get(axis, choice.name).conflicts:
+        opt = get(axis, choice.name)
+        for other in opt.conflicts:
             if other in chosen:
                 reasons.append(f"{axis}={choice.name} conflicts with {other}")
+        for need in opt.needs:
+            other_axis, allowed = need.split("=", 1)
+            if names.get(other_axis) not in allowed.split("|"):
+                reasons.append(f"{axis}={choice.name} needs {need} (plan has {other_axis}={names.get(other_axis)})")
     return reasons
 
 

@@ -24,6 +24,9 @@ What ``OPTION.build(model, target, **params)`` returns, per axis:
   run before every decoder layer of a visual prefill) and ``reuses_prefix``; the defaults and
   signatures are in ``qwen3_vl/optim/vision/full.py``. Pruning options return logits for the
   kept positions only, so compare them to the reference at the last position.
+- ``execution``: an object with ``new_cache(model, batch, max_tokens)`` (``model.new_cache``
+  goes through it), ``decode(model, request) -> tokens [B, n]`` (the decode loop after the
+  prefill; see ``qwen3_vl.generate.DecodeRequest``) and ``describe() -> dict``.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import importlib
 from qwen3_vl.optim.plan import Optimization, Plan, PlanError, make_plan
 
 # Axis order is the order of the plan id. Each axis has exactly one option marked reference=True.
-AXES: tuple[str, ...] = ("attention", "rope", "kv_cache", "memory", "quant", "vision")
+AXES: tuple[str, ...] = ("attention", "rope", "kv_cache", "memory", "quant", "vision", "execution")
 
 _MODULES: tuple[str, ...] = (
     "attention.eager",
@@ -64,6 +67,9 @@ _MODULES: tuple[str, ...] = (
     "vision.conditional",
     "vision.prune_fastv",
     "vision.prune_pre",
+    "execution.eager",
+    "execution.cuda_graph",
+    "execution.compile",
 )
 
 _OPTIONS: dict[tuple[str, str], Optimization] | None = None

@@ -1,0 +1,1 @@
+"""Options of the execution axis: how the decode loop runs (eager, CUDA graphs, torch.compile)."""

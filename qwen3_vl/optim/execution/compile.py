@@ -1,0 +1,41 @@
+"""torch.compile + CUDA graphs: the decode step compiled by Inductor (Triton kernels that fuse the
+elementwise work of each layer) and then captured and replayed like ``cuda_graph``.
+
+Triton refuses GPUs below compute capability 7.0, so on a Pascal (sm_61) GPU this option is
+unavailable and falls back to ``cuda_graph`` with that reason recorded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from qwen3_vl.optim.execution.cuda_graph import NEEDS, CudaGraphExecution
+from qwen3_vl.optim.plan import Optimization, Requirements, Target
+
+
+def _triton_reason(target: Target) -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (torch.compile's GPU backend needs it)"
+    return None
+
+
+class CompiledExecution(CudaGraphExecution):
+    name = "compile"
+
+
+OPTION = Optimization(
+    name="compile",
+    axis="execution",
+    exact=True,
+    summary=(
+        "Decode step compiled by torch.compile (Inductor/Triton fuses each layer's elementwise work) and "
+        "replayed as a CUDA graph, with fused projections; needs Triton, so sm_70+."
+    ),
+    build=lambda model, target, fuse=True, bucket=256: CompiledExecution(model, target, fuse, bucket,
+                                                                        compile_step=True),
+    requires=Requirements(devices=("cuda",), min_compute_capability=(7, 0)),
+    probe=_triton_reason,
+    needs=NEEDS,
+    fallback="cuda_graph",
+    defaults={"fuse": True, "bucket": 256},
+)

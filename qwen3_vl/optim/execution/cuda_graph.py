@@ -1,0 +1,209 @@
+"""CUDA-graph decoding: the whole decode step (embedding, every layer, the LM head) is captured once
+and replayed per token, so a token costs one graph launch instead of hundreds of kernel launches
+from Python. No host synchronisation per token: tokens are chosen on the device and the end-token
+check runs every ``check_every`` steps.
+
+The KV cache is the ``static`` option's, in a fixed-shape form: one persistent buffer per
+(batch, length bucket) reused across ``generate`` calls, written at a device-side position, with
+attention over the whole bucket and a validity mask (keys past the current position are masked,
+so the result is the same up to float reassociation). Prefill runs eagerly.
+
+With ``compile=True`` (the ``compile`` option) the step is first compiled by torch.compile
+(Inductor/Triton: fused elementwise kernels), then captured the same way.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from qwen3_vl.generate import DecodeRequest
+from qwen3_vl.optim.execution.fusion import fuse_projections
+from qwen3_vl.optim.kv_cache.common import KVShape
+from qwen3_vl.optim.kv_cache.static import StaticCache
+from qwen3_vl.optim.plan import Optimization, Requirements, Target
+
+
+class GraphStaticCache(StaticCache):
+    """A ``StaticCache`` that, after the prefill, can be written at a device-side position.
+
+    In graph mode ``update`` returns the whole buffers and a [B, T] validity mask, so every decode
+    step has the same shapes and addresses (what a CUDA graph replays).
+    """
+
+    def __init__(self, shape: KVShape, batch: int, max_tokens: int, device: torch.device) -> None:
+        super().__init__(shape, batch, max_tokens)
+        self.valid = torch.zeros(batch, max_tokens, dtype=torch.bool, device=device)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.graph_mode = False
+
+    def reset(self) -> None:
+        self.valid.zero_()
+        self.seen_tokens, self._pending, self.graph_mode = 0, 0, False
+
+    def enter_graph_mode(self) -> None:
+        self.position.fill_(self.seen_tokens)
+        self.graph_mode = True
+
+    def start_step(self, new_mask, num_new: int) -> None:
+        if not self.graph_mode:
+            return super().start_step(new_mask, num_new)
+        self.valid.index_fill_(1, self.position, True)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        if not self.graph_mode:
+            return super().update(layer, k, v)
+        self.keys[layer].index_copy_(2, self.position, k)
+        self.values[layer].index_copy_(2, self.position, v)
+        return self.keys[layer], self.values[layer], self.valid
+
+    def end_step(self) -> None:
+        if not self.graph_mode:
+            return super().end_step()
+        self.position.add_(1)
+
+
+class CapturedStep:
+    """One decode step captured in a CUDA graph with its static input and output buffers.
+
+    With ``capture=False`` the same step runs uncaptured (how the CPU tests check the logic)."""
+
+    def __init__(self, model, cache: GraphStaticCache, compile_step: bool, capture: bool = True) -> None:
+        batch, device = cache.batch, cache.valid.device
+        self.token = torch.zeros(batch, dtype=torch.long, device=device)
+        self.position = torch.zeros(1, batch, 1, dtype=torch.long, device=device)
+        self.cache = cache
+
+        def step():
+            embeds = model.language_model.embed_tokens(self.token[:, None]).to(model.compute_dtype)
+            logits = model.step(embeds, self.position.expand(3, batch, 1), None, cache)
+            self.position.add_(1)
+            return logits[:, -1]
+
+        self.fn = torch.compile(step, dynamic=False) if compile_step else step
+        self.graph = None
+        if not capture:
+            return
+        # Warm up on a side stream (compiles, picks kernels), then restore the cache state the
+        # warm-up advanced, then capture.
+        saved = (cache.position.clone(), cache.valid.clone(), self.position.clone())
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(3 if compile_step else 2):
+                self.fn()
+                cache.position.copy_(saved[0])
+                cache.valid.copy_(saved[1])
+                self.position.copy_(saved[2])
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self.fn()
+        cache.position.copy_(saved[0])
+        cache.valid.copy_(saved[1])
+        self.position.copy_(saved[2])
+
+    def run(self) -> torch.Tensor:
+        """Logits [B, V] of the step for ``self.token`` at ``self.position``."""
+        if self.graph is None:
+            return self.fn()
+        self.graph.replay()
+        return self.logits
+
+
+class CudaGraphExecution:
+    name = "cuda_graph"
+
+    def __init__(self, model, target: Target, fuse: bool = True, bucket: int = 256, check_every: int = 8,
+                 compile_step: bool = False, capture: bool = True) -> None:
+        if capture and (not torch.cuda.is_available() or target.device_type != "cuda"):
+            raise RuntimeError("CUDA-graph execution needs a CUDA device")
+        self.capture = capture
+        self.fused_layers = fuse_projections(model) if fuse else 0
+        self.bucket, self.check_every, self.compile_step = bucket, check_every, compile_step
+        self.device = torch.device(target.device)
+        self.cache: GraphStaticCache | None = None
+        self.captured: CapturedStep | None = None
+        self.captures = 0
+
+    def new_cache(self, model, batch: int, max_tokens: int) -> GraphStaticCache:
+        tokens = math.ceil(max_tokens / self.bucket) * self.bucket
+        cache = self.cache
+        if cache is None or cache.batch != batch or cache.max_tokens < tokens:
+            self.cache = GraphStaticCache(KVShape.of(model), batch, tokens, self.device)
+            self.captured = None  # new buffers: the old graph points at the old ones
+        self.cache.reset()
+        return self.cache
+
+    def decode(self, model, request: DecodeRequest) -> torch.Tensor:
+        cache = request.cache
+        if not isinstance(cache, GraphStaticCache):
+            raise RuntimeError("CUDA-graph decoding needs the cache made by its own new_cache()")
+        batch = request.logits.shape[0]
+        eos_ids = torch.tensor(request.eos, device=self.device, dtype=torch.long)
+        finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        out = torch.empty(batch, request.max_new_tokens, dtype=torch.long, device=self.device)
+        cache.enter_graph_mode()
+        if self.captured is None:
+            self.captured = CapturedStep(model, cache, self.compile_step, self.capture)
+            self.captures += 1
+        step = self.captured
+        step.position.copy_(request.next_position)
+        logits = request.logits[:, -1]
+        produced = 0
+        for index in range(request.max_new_tokens):
+            token = request.choose(logits, index, finished)
+            out[:, index] = token
+            produced = index + 1
+            if request.streamer is not None:
+                request.streamer.put(token.cpu())
+            if request.eos:
+                finished |= torch.isin(token, eos_ids)
+                if (index + 1) % self.check_every == 0 and bool(finished.all()):
+                    break
+            if index == request.max_new_tokens - 1:
+                break
+            step.token.copy_(token)
+            logits = step.run()
+        cache.seen_tokens = int(cache.position)  # one sync at the end: host bookkeeping catches up
+        cache.graph_mode = False
+        tokens = out[:, :produced]
+        if request.eos:  # the reference stops at the first step where every row has ended
+            ended = torch.isin(tokens, eos_ids).cummax(dim=1).values.all(dim=0)
+            last = int(ended.nonzero()[0]) + 1 if bool(ended.any()) else produced
+            tokens = tokens[:, :last]
+        return tokens
+
+    def describe(self) -> dict:
+        return {"option": self.name, "fused_layers": self.fused_layers, "captures": self.captures,
+                "bucket": self.bucket, "compiled": self.compile_step}
+
+
+def _no_cuda_reason(target: Target) -> str | None:
+    if target.device_type == "cuda" and not torch.cuda.is_available():
+        return "torch.cuda is not available"
+    return None
+
+
+# The decode step must be capturable: no host synchronisation or host-dependent shapes inside it.
+# These are the options it is built and tested with.
+NEEDS = ("kv_cache=static", "attention=eager|sdpa", "rope=standard", "memory=resident", "quant=none",
+         "vision=full|conditional")
+
+OPTION = Optimization(
+    name="cuda_graph",
+    axis="execution",
+    exact=True,
+    summary=(
+        "Decode step captured once in a CUDA graph and replayed per token (static KV buffers with a "
+        "device-side position, fused q/k/v and gate/up projections, tokens chosen on the device, no "
+        "per-token host sync); prefill stays eager."
+    ),
+    build=lambda model, target, fuse=True, bucket=256: CudaGraphExecution(model, target, fuse, bucket),
+    requires=Requirements(devices=("cuda",)),
+    probe=_no_cuda_reason,
+    needs=NEEDS,
+    fallback="eager",
+    defaults={"fuse": True, "bucket": 256},
+)

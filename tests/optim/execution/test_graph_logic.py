@@ -1,0 +1,96 @@
+"""The CUDA-graph decode path's logic, checked on the CPU without capturing: the fixed-shape
+static cache written at a device-side position, attention over the whole bucket with a validity
+mask, fused projections, on-device token choice and the batched end-token check.
+
+(Capture itself needs a GPU: ``scripts/gpu_check.py`` runs the same comparison with real graphs.)
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qwen3_vl
+from qwen3_vl.optim.execution.cuda_graph import CudaGraphExecution
+from qwen3_vl.optim.execution.fusion import FusedTextAttention, FusedTextMLP
+from qwen3_vl.optim.plan import Target, conflicts_of, make_plan
+
+from ...model.prompts import image_prompt, left_pad, relative_error
+
+
+def graph_model(source, plan="attention=eager", **kwargs):
+    model = qwen3_vl.from_pretrained(source, plan=plan)
+    model.execution = CudaGraphExecution(model, Target("cpu"), capture=False, **kwargs)
+    return model
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_same_tokens_as_reference_with_images_and_padding(tiny_checkpoint, ours_tiny, attention):
+    config = ours_tiny.config
+    a, pa, ga = image_prompt(config, [(1, 4, 8)], seed=21)
+    b, pb, gb = image_prompt(config, [(1, 6, 4)], seed=22)
+    ids, mask = left_pad(config, [a[0], b[0][:-2]])
+    kw = dict(attention_mask=mask, pixel_values=torch.cat([pa, pb]), image_grid_thw=torch.cat([ga, gb]),
+              max_new_tokens=20, eos_token_id=[])
+    model = graph_model(tiny_checkpoint, f"attention={attention}", bucket=16)
+    assert torch.equal(model.generate(ids, **kw), ours_tiny.generate(ids, **kw))
+    # a second call reuses the buffers (no new capture) and still agrees
+    assert torch.equal(model.generate(ids, **kw), ours_tiny.generate(ids, **kw))
+    assert model.execution.captures == 1
+
+
+def test_fused_projections_keep_the_logits(tiny_checkpoint, ours_tiny):
+    model = graph_model(tiny_checkpoint)
+    layer = model.language_model.layers[0]
+    assert isinstance(layer.self_attn, FusedTextAttention) and isinstance(layer.mlp, FusedTextMLP)
+    assert not hasattr(layer.self_attn, "q_proj")
+    ids, pixels, grid = image_prompt(ours_tiny.config, [(1, 6, 6)], seed=23)
+    out = model(ids, pixel_values=pixels, image_grid_thw=grid)
+    assert relative_error(out, ours_tiny(ids, pixel_values=pixels, image_grid_thw=grid)) <= 1e-5
+
+
+def test_end_tokens_stop_like_the_reference(tiny_checkpoint, ours_tiny):
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    free = ours_tiny.generate(ids, max_new_tokens=12, eos_token_id=[])
+    eos = int(free[0, 3 + 4])
+    model = graph_model(tiny_checkpoint, check_every=8)
+    for kw in (dict(eos_token_id=eos), dict(eos_token_id=eos, min_new_tokens=6), dict(eos_token_id=[eos, 1])):
+        ours, ref = model.generate(ids, max_new_tokens=12, **kw), ours_tiny.generate(ids, max_new_tokens=12, **kw)
+        assert torch.equal(ours, ref), kw
+
+
+def test_sampling_matches_the_reference_with_a_seed(tiny_checkpoint, ours_tiny):
+    ids = torch.tensor([[5, 6, 7]])
+    kw = dict(max_new_tokens=10, do_sample=True, temperature=0.8, top_k=50, seed=3, eos_token_id=[])
+    assert torch.equal(graph_model(tiny_checkpoint).generate(ids, **kw), ours_tiny.generate(ids, **kw))
+
+
+def test_cache_buffers_are_reused_until_they_are_too_small(tiny_checkpoint):
+    model = graph_model(tiny_checkpoint, bucket=32)
+    first = model.new_cache(1, 20)
+    assert model.new_cache(1, 30) is first and first.max_tokens == 32
+    bigger = model.new_cache(1, 40)
+    assert bigger is not first and bigger.max_tokens == 64
+
+
+def test_plans_state_what_the_graph_path_needs():
+    plan = make_plan({"execution": "cuda_graph", "kv_cache": "dynamic"})
+    assert conflicts_of(plan) == [
+        "execution=cuda_graph needs kv_cache=static (plan has kv_cache=dynamic)",
+    ]
+    assert conflicts_of(plan.with_(kv_cache="static")) == []
+
+
+def test_unavailable_without_cuda_falls_back_with_reasons():
+    model = qwen3_vl.from_pretrained("tiny", plan="execution=compile,kv_cache=static")
+    assert model.plan["execution"].name == "eager"
+    reasons = {(f.requested, f.used): f.reason for f in model.fallbacks}
+    assert reasons[("compile", "cuda_graph")].startswith("needs device cuda")
+    assert reasons[("cuda_graph", "eager")].startswith("needs device cuda")
+
+
+def test_pascal_gets_cuda_graphs_without_compile():
+    from qwen3_vl.optim.registry import get
+
+    pascal = Target("cuda:0", "fp16", (6, 1), "GeForce GTX 1060")
+    assert "compute capability >= 7.0, GPU has 6.1" in get("execution", "compile").unavailable(pascal)
