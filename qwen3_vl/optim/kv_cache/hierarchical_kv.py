@@ -45,7 +45,7 @@ class TieredStore:
                  cold_path: Path) -> None:
         self.device = torch.device(device)
         pin = self.device.type == "cuda"
-        warm_tokens = max(group, warm_tokens // group * group)
+        warm_tokens = max(group, min(warm_tokens, capacity) // group * group)
         _, warm_bytes = store_layout(batch, shape, BITS, group, warm_tokens)
         warm_backing = torch.zeros(warm_bytes, dtype=torch.uint8, pin_memory=pin)
         self.warm = MemoryStore(batch, shape, BITS, group, warm_tokens, "cpu", warm_backing)
@@ -75,9 +75,22 @@ class TieredStore:
 
     def nbytes(self) -> int:
         """Bytes of quantized KV actually held (warm buffer allocated + cold blocks written)."""
-        used = sum(b.numel() * b.element_size() * self.cold.blocks // max(self.cold.capacity_blocks, 1)
+        return self.warm.nbytes() + self.cold_bytes()
+
+    def cold_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() * self.cold.blocks // max(self.cold.capacity_blocks, 1)
                    for b in self.cold.buffers)
-        return self.warm.nbytes() + used
+
+
+def tier_bytes(cache: QuantizedCache) -> dict[str, int]:
+    """Where a hierarchical cache's bytes are: the device (hot window), host memory (warm), disk (cold)."""
+    out = {"device": 0, "host": 0, "disk": 0}
+    for state in cache.layers:
+        if state is not None:
+            out["device"] += state.k_res.numel() * state.k_res.element_size() * 2
+            out["host"] += state.store.warm.nbytes()
+            out["disk"] += state.store.cold_bytes()
+    return out
 
 
 class HierarchicalCacheFactory:
@@ -103,7 +116,7 @@ class HierarchicalCacheFactory:
 def build(model, target, hot: int = -1, warm: int = 4096, group: int = 32,
           folder: str = "") -> HierarchicalCacheFactory:
     if hot == -1:
-        hot = int(getattr(model.memory, "kv_hot_tokens", 0) or 256)
+        hot = int(getattr(getattr(model, "memory", None), "kv_hot_tokens", 0) or 256)
     if folder and not os.path.isdir(folder):
         raise ValueError(f"hierarchical_kv folder '{folder}' does not exist")
     return HierarchicalCacheFactory(KVShape.of(model), hot, warm, group, folder)

@@ -8,6 +8,7 @@ every compared distribution has the same context.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -87,14 +88,40 @@ def conversation(model, prompt: Prompt, steps: int = 64, turn2: int = 8, steps2:
 
 def compare(ours: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
     """Relative logits error (max|d| / max|ref|), mean next-token KL(ref || ours), top-1 agreement."""
-    ours, ref = ours.double(), ref.double()
-    log_p, log_q = ref.log_softmax(-1), ours.log_softmax(-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    log_p, log_q = ref.float().log_softmax(-1), ours.float().log_softmax(-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1, dtype=torch.float64)
     return {
-        "logits_rel": ((ours - ref).abs().max() / ref.abs().max()).item(),
-        "kl": kl.mean().item(),
+        "logits_rel": ((ours.double() - ref.double()).abs().max() / ref.double().abs().max()).item(),
+        "kl": max(kl.mean().item(), 0.0),
         "top1_agreement": (ours.argmax(-1) == ref.argmax(-1)).double().mean().item(),
     }
+
+
+# The conversations every test module of this area shares: seeded tiny weights (seed 0).
+PROMPTS = {
+    # two rows padded to one length, two images: exact options must handle padding bit for bit
+    "padded": [(40, (16, 16), 20), (30, (8, 8), 10)],
+    # one row of 126 tokens, then 80 more: quantization and eviction both engage
+    "single": [(40, (16, 16), 20)],
+}
+
+
+def prompt(name: str) -> Prompt:
+    import qwen3_vl
+
+    return make_prompt(qwen3_vl.config.preset("tiny"), PROMPTS[name], seed=3)
+
+
+@functools.cache
+def reference(name: str, plan: str = "reference", steps: int = 64):
+    """The greedy conversation of ``plan`` (the reference plan by default) on prompt ``name``:
+    (logits, tokens), computed once per test session."""
+    import qwen3_vl
+
+    kwargs = {} if steps == 64 else {"turn2": 0, "steps2": 0}
+    logits, tokens, _ = conversation(qwen3_vl.from_pretrained("tiny", seed=0, plan=plan), prompt(name), steps=steps,
+                                     **kwargs)
+    return logits, tokens
 
 
 def within_budget(metrics: dict[str, float], budget: dict[str, float]) -> list[str]:

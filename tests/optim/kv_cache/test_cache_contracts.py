@@ -68,7 +68,7 @@ UNCOMPRESSED = {
 
 
 @pytest.mark.parametrize("name", sorted(UNCOMPRESSED))
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(case=steps_strategy())
 def test_equals_the_reference_cache_while_nothing_is_compressed(name, case):
     batch, steps, pad, seed = case

@@ -7,7 +7,6 @@ without streams. ``offload_disk`` runs its real CPU semantics (mapped pages rele
 
 from __future__ import annotations
 
-import functools
 import gc
 import json
 
@@ -20,25 +19,23 @@ from qwen3_vl.optim.memory import offload_disk
 from qwen3_vl.optim.memory.offload_cpu import OffloadedWeights
 from qwen3_vl.optim.memory.streaming import LayerStreamer
 
-from ..kv_cache.drive import conversation, make_prompt
+from ..kv_cache.drive import conversation, prompt
+from ..kv_cache.drive import reference as shared_reference
 
 
 def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return ((ours.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
 
 CONFIG = qwen3_vl.config.preset("tiny")
-PROMPT = make_prompt(CONFIG, [(5, (8, 12), 3), (4, (4, 6), 6)], seed=2)  # padded batch, two images
+PROMPT = prompt("padded")  # two rows padded to one length, two images
 
 
-@functools.cache
 def reference(plan: str = "reference", steps: int = 64):
-    logits, tokens, _ = conversation(qwen3_vl.from_pretrained("tiny", seed=1, plan=plan), PROMPT, steps=steps,
-                                     **({} if steps == 64 else {"turn2": 0, "steps2": 0}))
-    return logits, tokens
+    return shared_reference("padded", plan, steps)
 
 
 def streamed(plan: str = "reference", **kwargs):
-    model = qwen3_vl.from_pretrained("tiny", seed=1, plan=plan)
+    model = qwen3_vl.from_pretrained("tiny", seed=0, plan=plan)
     model.memory = OffloadedWeights(model, model.target, **kwargs)
     return model
 
@@ -102,7 +99,7 @@ def test_offload_cpu_falls_back_to_resident_on_a_cpu_with_the_reason():
 @pytest.fixture
 def checkpoint(tmp_path):
     path = tmp_path / "ckpt"
-    qwen3_vl.save_pretrained(qwen3_vl.from_pretrained("tiny", seed=1), path)
+    qwen3_vl.save_pretrained(qwen3_vl.from_pretrained("tiny", seed=0), path)
     return path
 
 
@@ -139,7 +136,7 @@ def test_an_aligned_offload_copy_is_bitwise_exact(checkpoint):
 
 
 def test_offload_disk_writes_an_offload_file_for_weights_not_in_a_checkpoint(tmp_path):
-    model = qwen3_vl.from_pretrained("tiny", seed=1, plan=f"memory=offload_disk[folder={tmp_path}]")
+    model = qwen3_vl.from_pretrained("tiny", seed=0, plan=f"memory=offload_disk[folder={tmp_path}]")
     assert model.memory.written_bytes > 0 and (tmp_path / "offload.safetensors").exists()
     assert mapping_of(model.lm_head.weight) is not None
     logits, _, _ = conversation(model, PROMPT, steps=8, turn2=0, steps2=0, tokens=reference()[1])

@@ -17,7 +17,7 @@ from qwen3_vl.optim.plan import Target
 from qwen3_vl.optim.quant import int4_weight, int8_weight, weights
 from qwen3_vl.optim.quant.weights import SMALL_BATCH_ROWS, dequantize_int4, quantize_int4, quantize_int8
 
-from ..kv_cache.drive import compare, conversation, make_prompt, within_budget
+from ..kv_cache.drive import compare, conversation, prompt, reference, within_budget
 
 
 @settings(max_examples=30, deadline=None)
@@ -119,20 +119,16 @@ def test_unknown_or_unavailable_kernels_are_refused():
 # The model's error against the reference: a seeded multimodal conversation, 64 greedy steps and
 # a second turn, teacher-forced with the reference's tokens.
 
-PROMPT = make_prompt(qwen3_vl.config.preset("tiny"), [(40, (16, 16), 20)], seed=3)
-
-
 @functools.cache
 def run(plan: str):
     model = qwen3_vl.from_pretrained("tiny", seed=0, plan=plan)
-    tokens = None if plan == "reference" else run("reference")[1]
-    logits, fed, _ = conversation(model, PROMPT, tokens=tokens)
-    return logits, fed
+    logits, _, _ = conversation(model, prompt("single"), tokens=reference("single")[1])
+    return logits
 
 
 @pytest.mark.parametrize("plan", ["quant=int8_weight", "quant=int8_weight[kernel=dequant]", "quant=int4_weight"])
 def test_measured_error_is_within_the_declared_budget(plan):
-    metrics = compare(run(plan)[0], run("reference")[0])
+    metrics = compare(run(plan), reference("single")[0])
     option = registry.get("quant", qwen3_vl.Plan.parse(plan)["quant"].name)
     print(f"{plan}: {metrics}")
     assert not within_budget(metrics, option.error_budget), within_budget(metrics, option.error_budget)

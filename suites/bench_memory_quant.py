@@ -1,0 +1,425 @@
+"""Memory and quantization benchmark: decode speed of the weight-quantization plans against the fp32
+reference side by side, KV bytes per token of every KV option, peak RSS of ``offload_disk``, and (on a
+GPU) the offload options and the memory planner under 2 and 4 GiB budgets.
+
+Parts (``--parts``, comma-separated):
+
+- ``decode``: one process, every plan prefilled with the same prompt, then decode steps timed in
+  interleaved rounds (``harness.timing.interleaved``: one step of each plan per round, order
+  rotating, warm-up excluded), all plans fed the same tokens, so their logits are compared step by
+  step with the reference's (KL, top-1 agreement, relative error). The physical floor is printed
+  next to it: bytes read per step (decoder layers + output matrix, after quantization) over the
+  memory bandwidth measured in the same process.
+- ``kv``: every KV option's cache filled with ``--kv-tokens`` tokens of the preset's shape; bytes
+  per token from ``nbytes()`` (what the cache holds; bounded caches say so).
+- ``rss``: peak RSS of a short generation from a saved checkpoint, ``resident`` vs
+  ``offload_disk``, each in a fresh process.
+- ``offload`` (CUDA): for each preset, ``resident`` vs ``offload_cpu`` / ``offload_disk`` without
+  and with the planner's budgets: logits bitwise equal to resident, peak allocated vs budget (the
+  budget is also enforced with ``set_per_process_memory_fraction``), tokens/s, bytes copied per
+  token; and the quantized plans' error and speed on the GPU.
+
+    python -m suites.bench_memory_quant --parts decode,kv,rss                  # CPU, mini
+    python -m suites.bench_memory_quant --device cuda --dtype fp16 --parts offload,decode,kv \\
+        --offload-presets 2b,8b
+
+Results go to the results store under this machine's fingerprint (suite ``memory_quant``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+import qwen3_vl
+from harness import fingerprint as fingerprint_mod
+from harness import results, timing
+from qwen3_vl.model.positions import mrope_positions
+from qwen3_vl.model.text import AttentionMask
+from qwen3_vl.optim import registry
+from qwen3_vl.optim.kv_cache import hierarchical_kv
+from qwen3_vl.optim.kv_cache.common import KVShape
+from qwen3_vl.optim.memory.planner import GiB, human, module_bytes
+
+SUITE = "memory_quant"
+DECODE_PLANS = ("reference", "kv_cache=static", "quant=int8_weight", "quant=int8_weight,kv_cache=static",
+                "quant=int8_weight[kernel=fbgemm],kv_cache=static", "quant=int4_weight,kv_cache=static")
+
+
+# ---------------------------------------------------------------------------------------------
+# decode
+
+
+def memory_bandwidth(seconds: float = 1.0) -> float:
+    """Read bandwidth (bytes/s) of a 512 MiB fp32 sum, best of a few, with the current threads."""
+    x = torch.ones(128 * 1024 * 1024)
+    best, deadline = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best
+
+
+def bytes_per_step(model) -> int:
+    """Weight bytes a decode step reads: the decoder layers, the final norm and the output matrix."""
+    return module_bytes(model.language_model.layers) + module_bytes(model.language_model.norm) + \
+        module_bytes(model.lm_head)
+
+
+def kl_top1_rel(ours: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    ours, ref = ours.double(), ref.double()
+    lp, lq = ref.log_softmax(-1), ours.log_softmax(-1)
+    return {"kl": (lp.exp() * (lp - lq)).sum(-1).mean().item(),
+            "top1_agreement": (ours.argmax(-1) == ref.argmax(-1)).double().mean().item(),
+            "logits_rel": ((ours - ref).abs().max() / ref.abs().max()).item()}
+
+
+@torch.inference_mode()
+def decode_part(args, plans: list[str]) -> list[dict]:
+    steps = args.warmup + args.rounds
+    models = {p: qwen3_vl.from_pretrained(args.preset, plan=p, device=args.device, dtype=args.dtype, seed=0)
+              for p in plans}
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 1000, (1, args.prompt_tokens), generator=gen)
+    tokens = torch.randint(0, 1000, (steps,), generator=gen)  # every plan decodes the same tokens
+    state, logits = {}, {p: [] for p in plans}
+    for p, m in models.items():
+        cache = m.new_cache(1, args.prompt_tokens + steps + 1)
+        pos, _ = mrope_positions(ids, m.config)
+        m.step(m.language_model.embed_tokens(ids.to(m.device)).to(m.compute_dtype), pos, None, cache,
+               logits_to_keep=1)
+        state[p] = [cache, args.prompt_tokens]
+
+    def target(p):
+        m = models[p]
+
+        def run(clock):
+            cache, position = state[p]
+            emb = m.language_model.embed_tokens(tokens[position - args.prompt_tokens].view(1, 1).to(m.device))
+            pos = torch.full((3, 1, 1), position, device=m.device)
+            with clock(tokens=1):
+                out = m.step(emb.to(m.compute_dtype), pos, None, cache)
+            logits[p].append(out[0, -1].float().cpu())
+            state[p][1] = position + 1
+        return run
+
+    timed = timing.interleaved({p: target(p) for p in plans}, args.rounds, args.warmup, args.device)
+    bandwidth = memory_bandwidth() if args.device == "cpu" else None
+    rows = []
+    base = timed[plans[0]].clock
+    for p in plans:
+        clock, m = timed[p].clock, models[p]
+        ms = statistics.median(clock.samples) * 1e3 if clock.samples else float("nan")
+        ratios = timing.round_ratios(base, clock)  # reference time / this plan's time, per round
+        nbytes = bytes_per_step(m)
+        err = kl_top1_rel(torch.stack(logits[p][args.warmup:]), torch.stack(logits[plans[0]][args.warmup:]))
+        rows.append({"plan": p, "ms_per_token": ms, "tokens_per_s": 1e3 / ms,
+                     "speedup_vs_reference": statistics.median(ratios) if ratios else float("nan"),
+                     "bytes_per_step": nbytes,
+                     "floor_ms": None if bandwidth is None else nbytes / bandwidth * 1e3,
+                     "samples": clock.samples, "error": timed[p].error, **err,
+                     "quant": m.quant.describe().get("kernel", "none")})
+    print(f"\ndecode on {args.preset}, {args.device} {args.dtype}, {torch.get_num_threads()} threads, "
+          f"prompt {args.prompt_tokens}, {args.rounds} interleaved rounds after {args.warmup} warm-up"
+          + (f"; measured read bandwidth {bandwidth / 1e9:.1f} GB/s" if bandwidth else ""))
+    print(f"{'plan':52} {'ms/token':>9} {'tok/s':>7} {'x ref':>6} {'MB/step':>8} {'floor ms':>8} "
+          f"{'KL':>9} {'top-1':>6} {'rel':>8}")
+    for r in rows:
+        floor = "" if r["floor_ms"] is None else f"{r['floor_ms']:.1f}"
+        print(f"{r['plan'][:52]:52} {r['ms_per_token']:9.1f} {r['tokens_per_s']:7.1f} "
+              f"{r['speedup_vs_reference']:6.2f} {r['bytes_per_step'] / 1e6:8.0f} {floor:>8} "
+              f"{r['kl']:9.2e} {r['top1_agreement']:6.3f} {r['logits_rel']:8.2e}")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# kv
+
+
+def kv_options() -> list[tuple[str, dict]]:
+    out = []
+    for opt in registry.options("kv_cache"):
+        for params in ({}, *(v for v in opt.variants if v != dict(opt.defaults))):
+            out.append((opt.name, dict(params)))
+    return out
+
+
+@torch.inference_mode()
+def kv_part(args) -> list[dict]:
+    from qwen3_vl.model.qwen3_vl import Qwen3VL
+    from qwen3_vl.optim.plan import Plan
+
+    config = qwen3_vl.config.preset(args.kv_preset)
+    with torch.device("meta"):
+        model = Qwen3VL(config)
+    model.plan = Plan.parse("reference")
+    shape = KVShape.of(model)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.kv_dtype]
+    n, decode = args.kv_tokens, 64
+    rows = []
+    for name, params in kv_options():
+        factory = registry.get("kv_cache", name).build(model, None, **params)
+        cache = factory.new(1, n)
+        gen = torch.Generator().manual_seed(0)
+        for chunk in [n - decode] + [1] * decode:
+            cache.start_step(None, chunk)
+            for layer in range(shape.num_layers):
+                k, v = (torch.randn(1, shape.kv_heads, chunk, shape.head_dim, generator=gen).to(dtype) for _ in "kv")
+                _, _, valid = cache.update(layer, k, v)
+                if getattr(cache, "observes_queries", False):
+                    q = torch.randn(1, config.text.num_attention_heads, chunk, shape.head_dim, generator=gen)
+                    cache.observe(layer, q.to(dtype), AttentionMask(valid))
+            cache.end_step()
+        nbytes = cache.nbytes()
+        label = name + ("" if not params else "[" + ";".join(f"{k}={v}" for k, v in params.items()) + "]")
+        tiers = hierarchical_kv.tier_bytes(cache) if name == "hierarchical_kv" else None
+        rows.append({"option": label, "tokens": n, "nbytes": nbytes, "bytes_per_token": nbytes / n, "tiers": tiers})
+        del cache, factory
+        gc.collect()
+    ref = next(r for r in rows if r["option"] == "dynamic")["bytes_per_token"]
+    print(f"\nKV bytes per token, {args.kv_preset} shape ({shape.num_layers} layers x {shape.kv_heads} KV heads x "
+          f"{shape.head_dim}), {args.kv_dtype} K/V, after {n} tokens (measured with nbytes())")
+    for r in rows:
+        tiers = "" if not r["tiers"] else " = " + ", ".join(f"{k} {human(v)}" for k, v in r["tiers"].items())
+        print(f"  {r['option']:48} {r['bytes_per_token']:10.0f} B/token  {r['bytes_per_token'] / ref:6.3f} x dynamic"
+              f"  ({human(r['nbytes'])} held{tiers})")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# rss (each plan in a fresh process: the high-water mark of one process says nothing about the next)
+
+
+def probe_rss(checkpoint: str, plan: str, new_tokens: int) -> dict:
+    def hwm() -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+
+    before = hwm()
+    model = qwen3_vl.from_pretrained(checkpoint, plan=plan)
+    after_load = hwm()
+    ids = torch.randint(0, 1000, (1, 64), generator=torch.Generator().manual_seed(0))
+    t = time.perf_counter()
+    model.generate(ids, max_new_tokens=new_tokens, eos_token_id=[])
+    seconds = time.perf_counter() - t
+    return {"plan": plan, "rss_peak_load": after_load, "rss_peak": hwm(), "rss_before": before,
+            "ms_per_token": seconds / new_tokens * 1e3}
+
+
+def rss_part(args) -> list[dict]:
+    with tempfile.TemporaryDirectory(prefix="qwen3vl-bench-") as tmp:
+        qwen3_vl.save_pretrained(qwen3_vl.from_pretrained(args.preset, seed=0), tmp)
+        gc.collect()
+        size = sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp))
+        rows = []
+        for plan in ("reference", "memory=offload_disk"):
+            cmd = [sys.executable, "-m", "suites.bench_memory_quant", "--probe-rss", plan, "--checkpoint", tmp,
+                   "--rss-tokens", str(args.rss_tokens)]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if done.returncode:
+                rows.append({"plan": plan, "error": done.stderr.strip().splitlines()[-1:]})
+                continue
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    print(f"\npeak RSS, {args.preset} from a {human(size)} checkpoint, {args.rss_tokens} new tokens, "
+          "each plan in a fresh process")
+    for r in rows:
+        if "error" in r:
+            print(f"  {r['plan']:24} failed: {r['error']}")
+        else:
+            print(f"  {r['plan']:24} peak RSS {human(r['rss_peak']):>11} (after load {human(r['rss_peak_load'])}, "
+                  f"interpreter+torch {human(r['rss_before'])}), {r['ms_per_token']:.1f} ms/token")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# offload (CUDA)
+
+
+@torch.inference_mode()
+def run_plan_on_gpu(preset: str, dtype: str, plan: str, budget: int | None, ids: torch.Tensor, new_tokens: int):
+    """Build + prefill + greedy decode under an optional hard cap; returns logits, timing, peaks."""
+    index = torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(index)
+    if budget is not None:
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), index)
+    try:
+        model = qwen3_vl.from_pretrained(preset, plan=plan, device="cuda", dtype=dtype, seed=0)
+        cache = model.new_cache(1, ids.shape[1] + new_tokens + 1)
+        pos, _ = mrope_positions(ids, model.config)
+        emb = model.language_model.embed_tokens(ids.to(model.device)).to(model.compute_dtype)
+        out = [model.step(emb, pos, None, cache, logits_to_keep=1)[0, -1].float().cpu()]
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for i in range(new_tokens):
+            token = out[-1].argmax().view(1, 1).to(model.device)
+            emb = model.language_model.embed_tokens(token).to(model.compute_dtype)
+            p = torch.full((3, 1, 1), ids.shape[1] + i, device=model.device)
+            out.append(model.step(emb, p, None, cache)[0, -1].float().cpu())
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - t
+        info = model.memory.describe()
+        row = {"plan": str(model.plan.short_id), "requested": plan, "budget": budget,
+               "peak_allocated": torch.cuda.max_memory_allocated(index),
+               "peak_reserved": torch.cuda.max_memory_reserved(index),
+               "ms_per_token": seconds / new_tokens * 1e3,
+               "bytes_copied_per_token": info.get("bytes_copied", 0) / (new_tokens + 1),
+               "resident_layers": info.get("resident_layers"), "streamed_layers": info.get("streamed_layers"),
+               "error": ""}
+        if hasattr(model.memory, "report"):
+            row["report"] = model.memory.report()
+        del model, cache
+        return torch.stack(out), row
+    except Exception as exc:  # OOM or a budget error: reported, not fatal
+        return None, {"plan": plan, "requested": plan, "budget": budget, "error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, index)
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def offload_part(args) -> list[dict]:
+    if not torch.cuda.is_available():
+        print("\noffload: no CUDA device here; skipped (run it on a GPU)")
+        return []
+    ids = torch.randint(0, 1000, (1, 64), generator=torch.Generator().manual_seed(0))
+    rows = []
+    small = "context=1024;prefill=512"
+    for preset in args.offload_presets.split(","):
+        plans = [("reference", None), ("memory=offload_cpu", None),
+                 (f"memory=offload_cpu[budget=2GiB;{small}]", 2 * GiB),
+                 (f"memory=offload_cpu[budget=4GiB;{small}]", 4 * GiB), ("memory=offload_disk", None),
+                 (f"memory=offload_disk[budget=4GiB;{small}]", 4 * GiB),
+                 (f"quant=int8_weight,memory=offload_cpu[budget=2GiB;{small}]", 2 * GiB),
+                 ("quant=int8_weight", None), ("quant=int4_weight", None), ("kv_cache=static", None)]
+        base = None
+        for plan, budget in plans:
+            logits, row = run_plan_on_gpu(preset, args.dtype, plan, budget, ids, args.offload_tokens)
+            row["preset"] = preset
+            if logits is not None:
+                if base is None:
+                    base = logits
+                row["bitwise_equal_to_resident"] = bool(torch.equal(logits, base))
+                row["logits_rel"] = ((logits - base).abs().max() / base.abs().max()).item()
+                row["within_budget"] = budget is None or row["peak_allocated"] <= budget
+            rows.append(row)
+            state = row["error"] or (f"peak {human(row['peak_allocated'])}"
+                                     + (f" (budget {human(budget)}: {'ok' if row['within_budget'] else 'OVER'})"
+                                        if budget else "")
+                                     + f", {row['ms_per_token']:.1f} ms/token, "
+                                     f"{human(row['bytes_copied_per_token'])} copied/token, "
+                                     f"bitwise={row['bitwise_equal_to_resident']}, rel {row['logits_rel']:.1e}")
+            print(f"  {preset:4} {plan:62} {state}")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# storing
+
+
+def store(args, decode_rows, kv_rows, rss_rows, offload_rows) -> str:
+    from qwen3_vl.optim.plan import Plan, make_plan
+
+    fp = fingerprint_mod.collect()
+    git = fp.get("git", {})
+    run = results.RunInfo(results.new_run_id(), fp["id"], args.preset, args.dtype, git.get("sha", "unknown"),
+                          bool(git.get("dirty", False)))
+    M = results.Measurement
+    rows = []
+    repro = "python -m suites.bench_memory_quant " + " ".join(sys.argv[1:])
+    for r in decode_rows:
+        ms = [M("decode_time", r["ms_per_token"] / 1e3, "s", r["samples"], "ok" if not r["error"] else "failed",
+                r["error"], better="lower"),
+              M("speedup_vs_reference", r["speedup_vs_reference"], "ratio", better="higher"),
+              M("bytes_per_step", r["bytes_per_step"], "B", better="lower"),
+              M("kl", r["kl"], better="lower"), M("top1_agreement", r["top1_agreement"], better="higher"),
+              M("logits_rel", r["logits_rel"], "ratio", better="lower")]
+        if r["floor_ms"] is not None:
+            ms.append(M("bandwidth_floor_time", r["floor_ms"] / 1e3, "s", better="lower"))
+        rows += [results.make_row(run, args.device, SUITE, "decode", m, Plan.parse(r["plan"]), {}, (), repro)
+                 for m in ms]
+    for r in kv_rows:
+        plan = make_plan(kv_cache=r["option"])
+        params = {"preset_shape": args.kv_preset, "kv_dtype": args.kv_dtype, "tokens": r["tokens"]}
+        rows.append(results.make_row(run, "cpu", SUITE, "kv_bytes", M("kv_bytes_per_token", r["bytes_per_token"],
+                                                                        "B", better="lower"), plan, params, (), repro))
+    for r in rss_rows:
+        if "error" in r:
+            rows.append(results.make_row(run, "cpu", SUITE, "rss", results.failed("rss_peak", str(r["error"])),
+                                         Plan.parse(r["plan"]), {}, (), repro))
+            continue
+        for key in ("rss_peak", "rss_peak_load"):
+            rows.append(results.make_row(run, "cpu", SUITE, "rss", M(key, r[key], "B", better="lower"),
+                                         Plan.parse(r["plan"]), {}, (), repro))
+    for r in offload_rows:
+        plan = Plan.parse(r["requested"])
+        if r["error"]:
+            rows.append(results.make_row(run, "cuda", SUITE, f"offload_{r['preset']}",
+                                         results.failed("peak_allocated", r["error"]), plan, {}, (), repro))
+            continue
+        ok = r["within_budget"]
+        for m in (M("peak_allocated", r["peak_allocated"], "B", status="ok" if ok else "failed",
+                    error="" if ok else "over budget", bound=r["budget"], better="lower"),
+                  M("decode_time", r["ms_per_token"] / 1e3, "s", better="lower"),
+                  M("bytes_copied_per_token", r["bytes_copied_per_token"], "B", better="lower"),
+                  M("logits_rel", r["logits_rel"], "ratio", better="lower")):
+            rows.append(results.make_row(run, "cuda", SUITE, f"offload_{r['preset']}", m, plan, {}, (), repro))
+    return str(results.write_run(rows, args.results_dir, fp, run.run_id, axes=registry.AXES))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m suites.bench_memory_quant", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--parts", default="decode,kv,rss")
+    parser.add_argument("--preset", default="mini")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    parser.add_argument("--plans", default=";".join(DECODE_PLANS),
+                        help="decode plans, ';'-separated; the first is the baseline")
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--kv-preset", default="2b")
+    parser.add_argument("--kv-dtype", default="fp16", choices=["fp32", "fp16", "bf16"])
+    parser.add_argument("--kv-tokens", type=int, default=4096)
+    parser.add_argument("--rss-tokens", type=int, default=16)
+    parser.add_argument("--offload-presets", default="2b,8b")
+    parser.add_argument("--offload-tokens", type=int, default=16)
+    parser.add_argument("--results-dir", default="results")
+    parser.add_argument("--no-store", action="store_true")
+    parser.add_argument("--probe-rss", help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.probe_rss:
+        print(json.dumps(probe_rss(args.checkpoint, args.probe_rss, args.rss_tokens)))
+        return 0
+    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    unknown = parts - {"decode", "kv", "rss", "offload"}
+    if unknown:
+        print(f"error: unknown part '{sorted(unknown)[0]}'; parts are decode, kv, rss, offload", file=sys.stderr)
+        return 2
+    cpu = fingerprint_mod.cpu_info()
+    print(f"machine: {cpu.get('brand', cpu)} | torch {torch.__version__} | capability "
+          f"{torch.backends.cpu.get_cpu_capability()} | threads {torch.get_num_threads()}")
+    decode_rows = decode_part(args, [p.strip() for p in args.plans.split(";")]) if "decode" in parts else []
+    kv_rows = kv_part(args) if "kv" in parts else []
+    rss_rows = rss_part(args) if "rss" in parts else []
+    offload_rows = offload_part(args) if "offload" in parts else []
+    if not args.no_store:
+        print(f"\nresults: {store(args, decode_rows, kv_rows, rss_rows, offload_rows)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
