@@ -98,8 +98,10 @@ def load_hf_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], dt
     model.tie_weights()
 
 
-def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's weights under checkpoint keys (tied lm_head left out, patch embed as Conv3d)."""
+def hf_state_dict(model: nn.Module, to_cpu: bool = True) -> dict[str, torch.Tensor]:
+    """The model's weights under checkpoint keys (tied lm_head left out, patch embed as Conv3d).
+
+    With ``to_cpu=False`` the tensors stay where they are (views of the model's own storage)."""
     out = {}
     v = model.config.vision
     for name, param in model.named_parameters(remove_duplicate=True):
@@ -108,7 +110,8 @@ def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         tensor = param.detach()
         if name == _PATCH_KEY:
             tensor = tensor.reshape(v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
-        out[hf_name(name)] = tensor.contiguous().cpu()
+        tensor = tensor.contiguous()
+        out[hf_name(name)] = tensor.cpu() if to_cpu else tensor
     return out
 
 
