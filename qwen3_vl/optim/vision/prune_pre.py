@@ -187,9 +187,10 @@ OPTION = Optimization(
     summary="Prune visual tokens before the decoder: keep each image's top ratio by ViT attention "
     "(VisionZip) or diversity (DivPrune), optionally merging the rest into their nearest kept token.",
     build=_build,
-    # Worst case measured over ratios 0.5/0.25/0.125 and both methods, merged or not (tests/optim/vision/
-    # test_pruning.py: tiny preset, seeded random weights, 3 prompts with a 24-token image; worst 1.62 /
-    # 0.84 / 0.0 at ratio 0.125) plus margin. On random weights dropping visual tokens before layer 0
+    # Worst case measured over ratios 0.5/0.25/0.125 and both methods, merged or not, on seeded random
+    # weights, plus margin: tiny preset (tests/optim/vision/test_pruning.py, 3 prompts, 24-token image)
+    # worst logits_rel 1.62, kl 0.84, top-1 0.0; mini preset (suites/vision_pruning.py, 196-token image,
+    # attention method) worst 0.97, 0.36, 0.0. On random weights dropping visual tokens before layer 0
     # moves the text logits a lot; this says nothing of quality: re-declare from a real checkpoint.
     error_budget={"logits_rel": 2.0, "kl": 1.0, "top1_agreement": 0.0},
     defaults={"ratio": 0.5, "method": "attention", "merge": False},
