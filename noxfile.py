@@ -39,6 +39,35 @@ def validate(session: nox.Session) -> None:
 
 
 @nox.session
+def gate(session: nox.Session) -> None:
+    """Pre-merge gate: measure this checkout now and compare it with the results committed at a baseline.
+
+    ``nox -s gate`` compares against ``HEAD``'s committed results/ (env ``GATE_BASELINE`` picks another git
+    ref, run id or folder); extra arguments replace the defaults, e.g.
+    ``nox -s gate -- --baseline main --candidate results --report gate.md``. Exit 0 pass, 1 regression,
+    2 harness error, 3 nothing comparable (the message says how to record a baseline).
+    """
+    install(session, "harness")
+    args = session.posargs or ["--baseline", os.environ.get("GATE_BASELINE", "HEAD"), "--measure", "--confirm",
+                               "--report", "gate.md"]
+    session.run("python", "-m", "harness", "gate", *args)
+
+
+@nox.session
+def dashboard(session: nox.Session) -> None:
+    """Static HTML dashboard of every stored result: site/index.html (opens from disk)."""
+    install(session, "harness")
+    session.run("python", "-m", "harness", "dashboard", "--results", "results", "--out", "site", *session.posargs)
+
+
+@nox.session
+def selftest(session: nox.Session) -> None:
+    """Plant every catalogued fault in a copy of the project; fail if the checks miss one."""
+    install(session, "harness")
+    session.run("python", "-m", "harness", "selftest", "--preset", "tiny", *session.posargs)
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff>=0.6")
     session.run("ruff", "check", ".")

@@ -49,6 +49,7 @@ class Outcome:
     why: str = ""
     path: str = ""
     plans: tuple[str, ...] = ()
+    planted: bool = True  # False: the catalogue entry no longer matches the code (a catalogue error)
 
 
 @dataclass
@@ -64,11 +65,16 @@ class Report:
 
     @property
     def score(self) -> float:
-        return self.caught / len(self.outcomes) if self.outcomes else 0.0
+        planted = len(self.outcomes) - len(self.unplanted)
+        return self.caught / planted if planted else 0.0
 
     @property
     def slipped(self) -> list[Outcome]:
-        return [o for o in self.outcomes if not o.caught]
+        return [o for o in self.outcomes if not o.caught and o.planted]
+
+    @property
+    def unplanted(self) -> list[Outcome]:
+        return [o for o in self.outcomes if not o.planted]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,9 +122,10 @@ def module_of(path: str) -> str:
 # The checks, run inside the copy (a fresh process whose qwen3_vl is the mutated one)
 
 
-def worker(preset: str, plans: Sequence[str], full: bool = False) -> dict[str, Any]:
+def worker(preset: str, plans: Sequence[str], full: bool = False, ignore: Sequence[str] = ()) -> dict[str, Any]:
     """Run the numerics checks on this process's ``qwen3_vl``; stop at the first failure unless ``full``.
-    Returns {"failures": [...], "checks": n}."""
+    Checks named in ``ignore`` (those the unmutated control already fails) do not count.
+    Returns {"failures": [message, ...], "keys": [check, ...], "checks": n}."""
     import torch
 
     import qwen3_vl
@@ -132,14 +139,18 @@ def worker(preset: str, plans: Sequence[str], full: bool = False) -> dict[str, A
         torch.set_num_threads(int(os.environ["HARNESS_SELFTEST_THREADS"]))
     config = settings.load()
     failures: list[str] = []
+    keys: list[str] = []
+    skip = set(ignore)
     checks = 0
 
     def record(label: str, results) -> bool:
         nonlocal checks
         for case, m in results:
             checks += 1
-            if m.status == "failed":
-                failures.append(f"{label} {case}/{m.metric}: {m.error}"[:400])
+            key = f"{label} {case}/{m.metric}"
+            if m.status == "failed" and key not in skip:
+                failures.append(f"{key}: {m.error}"[:400])
+                keys.append(key)
         return bool(failures) and not full
 
     reference = qwen3_vl.from_pretrained(preset, seed=golden.SEED)
@@ -147,7 +158,7 @@ def worker(preset: str, plans: Sequence[str], full: bool = False) -> dict[str, A
     if gold is None:
         raise RuntimeError(f"no golden outputs for preset '{preset}'")
     if record("golden", golden.compare(golden.record(reference), gold)):
-        return {"failures": failures, "checks": checks}
+        return {"failures": failures, "keys": keys, "checks": checks}
     weights = hf_state_dict(reference)
 
     def build(plan, dtype):
@@ -160,23 +171,24 @@ def worker(preset: str, plans: Sequence[str], full: bool = False) -> dict[str, A
         dtypes = [d for d in config.numerics_dtypes if not matrix.unavailable_reason(plan, target_for("cpu", d))]
         if record(f"contract {plan.short_id}", numerics.check_plan(plan, models, reference.config, dtypes,
                                                                    config.numerics_examples)):
-            return {"failures": failures, "checks": checks}
+            return {"failures": failures, "keys": keys, "checks": checks}
     prompt = build_prompt(reference.config, benchmark_spec(config.seed))
     for plan in parsed:
         model = models(plan, "fp32")
         if record(f"accuracy {plan.short_id}", numerics.compare_models(model, models(reference_plan(), "fp32"),
                                                                        prompt, config.new_tokens)):
-            return {"failures": failures, "checks": checks}
+            return {"failures": failures, "keys": keys, "checks": checks}
     record("contract reference", numerics.check_plan(reference_plan(), models, reference.config,
                                                      list(config.numerics_dtypes), config.numerics_examples))
-    return {"failures": failures, "checks": checks}
+    return {"failures": failures, "keys": keys, "checks": checks}
 
 
 _WORKER = """
 import json, sys, traceback
 try:
     from harness import selftest
-    out = selftest.worker(sys.argv[1], [p for p in sys.argv[3:]], full=sys.argv[2] == "full")
+    ignore = json.loads(open(sys.argv[3]).read()) if sys.argv[3] != "-" else []
+    out = selftest.worker(sys.argv[1], sys.argv[4:], full=sys.argv[2] == "full", ignore=ignore)
 except BaseException as exc:
     frames = traceback.extract_tb(exc.__traceback__)
     where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
@@ -188,11 +200,15 @@ print("SELFTEST-RESULT " + json.dumps(out), flush=True)
 
 
 def _run_worker(copy_root: Path, preset: str, plans: Sequence[str], full: bool, timeout: float,
-                threads: int | None) -> dict[str, Any]:
+                threads: int | None, ignore: Sequence[str] = ()) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": str(copy_root), "PYTHONDONTWRITEBYTECODE": "1"}
     if threads:
         env.update(HARNESS_SELFTEST_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
-    cmd = [sys.executable, "-c", _WORKER, preset, "full" if full else "first", *plans]
+    ignore_file = "-"
+    if ignore:
+        ignore_file = str(copy_root / ".selftest-ignore.json")
+        Path(ignore_file).write_text(json.dumps(list(ignore)))
+    cmd = [sys.executable, "-c", _WORKER, preset, "full" if full else "first", ignore_file, *plans]
     try:
         proc = subprocess.run(cmd, cwd=copy_root, env=env, capture_output=True, text=True, timeout=timeout,
                               check=False)
@@ -215,33 +231,40 @@ def _import_failures(copy_root: Path, modules: Sequence[str]) -> list[str]:
 # The run
 
 
-def run_fault(fault: Fault, work: Path, preset: str, timeout: float, threads: int | None) -> Outcome:
+def run_fault(fault: Fault, work: Path, preset: str, timeout: float, threads: int | None,
+              ignore: Sequence[str] = ()) -> Outcome:
     started = time.perf_counter()
     copy_root = copy_project(work / fault.name)
     try:
-        plant(fault, copy_root)
+        try:
+            plant(fault, copy_root)
+        except SelftestError as exc:  # the file changed since the run started
+            return Outcome(fault.name, False, str(exc), time.perf_counter() - started, fault.why, fault.path,
+                           fault.plans, planted=False)
         failures = _import_failures(copy_root, [module_of(fault.path)])
         if not failures:
-            failures = _run_worker(copy_root, preset, fault.plans, False, timeout, threads)["failures"]
+            failures = _run_worker(copy_root, preset, fault.plans, False, timeout, threads, ignore)["failures"]
     finally:
         shutil.rmtree(copy_root, ignore_errors=True)
     how = failures[0] if failures else "slipped through: no check failed"
     return Outcome(fault.name, bool(failures), how, time.perf_counter() - started, fault.why, fault.path, fault.plans)
 
 
-def control(work: Path, faults: Sequence[Fault], preset: str, timeout: float, threads: int | None) -> float:
-    """The unmutated copy must pass every check the faults will be judged by."""
+def control(work: Path, faults: Sequence[Fault], preset: str, timeout: float, threads: int | None
+            ) -> tuple[float, list[str], list[str]]:
+    """Every check the faults will be judged by, on the unmutated copy: (seconds, checks that already
+    fail there and so cannot judge a fault, their messages). Import failures or a crash end the run."""
     started = time.perf_counter()
     copy_root = copy_project(work / "control")
-    failures = _import_failures(copy_root, sorted({module_of(f.path) for f in faults}))
+    broken = _import_failures(copy_root, sorted({module_of(f.path) for f in faults}))
+    if broken:
+        raise SelftestError(f"the unmutated project does not import, so planted faults cannot be judged: {broken[0]}")
     plans = sorted({p for f in faults for p in f.plans})
-    failures += _run_worker(copy_root, preset, plans, True, timeout * 3, threads)["failures"]
+    out = _run_worker(copy_root, preset, plans, True, timeout * 3, threads)
     shutil.rmtree(copy_root, ignore_errors=True)
-    if failures:
-        shown = "; ".join(failures[:3])
-        raise SelftestError(f"the unmutated project already fails {len(failures)} check(s), so planted faults cannot "
-                            f"be judged: {shown}")
-    return time.perf_counter() - started
+    if out.get("crashed") or not out.get("checks"):
+        raise SelftestError(f"the checks crash on the unmutated project: {out['failures'][0]}")
+    return time.perf_counter() - started, out["keys"], out["failures"]
 
 
 def select(names: Sequence[str]) -> list[Fault]:
@@ -263,16 +286,17 @@ def run(faults: Sequence[Fault], preset: str = "tiny", jobs: int = 2, timeout: f
     threads = 1 if jobs > 1 else None
     with tempfile.TemporaryDirectory(prefix="harness-selftest-") as tmp:
         work = Path(tmp)
-        control_seconds = control(work, faults, preset, timeout, threads)
+        control_seconds, known, messages = control(work, faults, preset, timeout, threads)
+        notes = [f"already failing on the unmutated project (not used to judge faults): {m}" for m in messages]
         with ThreadPoolExecutor(max(1, jobs)) as pool:
-            futures = [pool.submit(run_fault, f, work, preset, timeout, threads) for f in faults]
+            futures = [pool.submit(run_fault, f, work, preset, timeout, threads, known) for f in faults]
             outcomes = []
             for future in futures:
                 outcome = future.result()
                 outcomes.append(outcome)
                 if on_outcome is not None:
                     on_outcome(outcome)
-    return Report(outcomes, control_seconds, time.perf_counter() - started)
+    return Report(outcomes, control_seconds, time.perf_counter() - started, notes)
 
 
 def rows(report: Report, preset: str, fingerprint: dict[str, Any], run_id: str) -> list[dict[str, Any]]:
@@ -282,6 +306,9 @@ def rows(report: Report, preset: str, fingerprint: dict[str, Any], run_id: str) 
                            git_sha=fingerprint["git"]["sha"], git_dirty=fingerprint["git"]["dirty"])
     out = []
     for o in report.outcomes:
+        if not o.planted:
+            out.append(results.make_row(info, "cpu", "selftest", o.fault, results.skipped("caught", o.how)))
+            continue
         m = results.Measurement("caught", float(o.caught), "fraction", status="ok" if o.caught else "failed",
                                 error="" if o.caught else f"slipped through: {o.why}", bound=1.0, better="higher")
         out.append(results.make_row(info, "cpu", "selftest", o.fault, m, params={
@@ -291,7 +318,8 @@ def rows(report: Report, preset: str, fingerprint: dict[str, Any], run_id: str) 
     out.append(results.make_row(info, "cpu", "selftest", "score", results.Measurement(
         "caught_share", share, "fraction", status="ok" if share == 1 else "failed",
         error="" if share == 1 else "slipped through: " + ", ".join(o.fault for o in report.slipped),
-        bound=1.0, better="higher"), params={"faults": len(report.outcomes), "caught": report.caught},
+        bound=1.0, better="higher"), params={"faults": len(report.outcomes) - len(report.unplanted),
+                                             "caught": report.caught},
         repro="python -m harness selftest"))
     out.append(results.make_row(info, "cpu", "selftest", "score", results.Measurement(
         "seconds", report.seconds, "s", better="lower"), params={"control_seconds": round(report.control_seconds, 1)},
@@ -323,10 +351,15 @@ def main(opts: Options) -> int:
         print(f"{mark} {o.fault:<40} {o.seconds:6.1f} s  {o.how[:160]}", flush=True)
 
     report = run(faults, opts.preset, opts.jobs, opts.timeout, show)
-    print(f"control (unmutated copy, every check) passed in {report.control_seconds:.0f} s")
-    print(f"score: {report.caught} of {len(report.outcomes)} caught ({report.score:.0%}) in {report.seconds:.0f} s")
+    print(f"control (unmutated copy, every check) ran in {report.control_seconds:.0f} s")
+    for note in report.notes:
+        print(f"note: {note}")
+    planted = len(report.outcomes) - len(report.unplanted)
+    print(f"score: {report.caught} of {planted} planted faults caught ({report.score:.0%}) in {report.seconds:.0f} s")
     for o in report.slipped:
         print(f"slipped through: {o.fault} ({o.path}): {o.why}")
+    for o in report.unplanted:
+        print(f"harness: error: {o.how}", file=sys.stderr)
     if opts.store:
         fp = fingerprint.collect()
         run_id = results.new_run_id() + "-selftest"
@@ -334,4 +367,6 @@ def main(opts: Options) -> int:
 
         path = results.write_run(rows(report, opts.preset, fp, run_id), opts.results_dir, fp, run_id, axes=AXES)
         print(f"results: {path}")
+    if report.unplanted:
+        return EXIT_ERROR
     return EXIT_OK if not report.slipped else EXIT_SLIPPED

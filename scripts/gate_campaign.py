@@ -3,7 +3,8 @@
     python scripts/gate_campaign.py measure --runs 24 --results-dir results   # ~1 h on a 2-core machine
     python scripts/gate_campaign.py analyze --results-dir results --out results/<fp>/gate_campaign.json
 
-``measure`` makes A/A runs: the same code, each run ``python -m harness validate`` in its own process
+``measure`` makes A/A runs: the same code (a frozen copy of the project, so edits to the working tree
+during the campaign change nothing), each run ``python -m harness validate`` in its own process
 (latency and memory suites, the tiny preset, the noise command's default plans), run ids
 ``aa-<stamp>-NN``. ``analyze`` takes the first three runs as the noise floor (``harness noise``) and
 gates every later run against the one before it: each of those comparisons failing is a false
@@ -17,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -30,16 +33,29 @@ NOISE_RUNS = 3
 SCALED_METRICS = ("time", "time_p90", "ratio_to_reference")
 
 
+def snapshot(dest: Path) -> Path:
+    """A frozen copy of the code, so every A/A run measures the same code while the tree moves on."""
+    from harness import selftest
+
+    if dest.exists():
+        shutil.rmtree(dest)
+    return selftest.copy_project(dest)
+
+
 def measure(args: argparse.Namespace) -> None:
+    code = snapshot(Path(args.snapshot)).resolve()
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    results_dir = str(Path(args.results_dir).resolve())
     stamp = results.new_run_id().split("-")[0]
     for i in range(args.runs):
         run_id = f"aa-{stamp}-{i + 1:02d}"
         cmd = [sys.executable, "-m", "harness", "validate", "--preset", args.preset, "--device", "cpu", "--suites",
-               "latency,memory", "--results-dir", args.results_dir, "--run-id", run_id, "--budget-s", "0"]
+               "latency,memory", "--results-dir", results_dir, "--run-id", run_id, "--budget-s", "0"]
         for plan in noise.default_plans():
             cmd += ["--plan", plan]
         started = datetime.now(timezone.utc)
-        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
+        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False, cwd=code,
+                              env=env)
         took = (datetime.now(timezone.utc) - started).total_seconds()
         print(f"{run_id}: exit {proc.returncode} in {took:.0f} s", flush=True)
         if proc.returncode not in (0, 1):
@@ -124,6 +140,7 @@ def main() -> None:
     m.add_argument("--runs", type=int, default=24)
     m.add_argument("--preset", default="tiny")
     m.add_argument("--results-dir", default="results")
+    m.add_argument("--snapshot", default="/tmp/gate-campaign-code", help="where the frozen copy of the code goes")
     m.set_defaults(func=measure)
     a = sub.add_parser("analyze")
     a.add_argument("--results-dir", default="results")
