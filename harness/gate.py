@@ -416,6 +416,9 @@ def _judge(base: pd.Series, cand: pd.Series, kind: str, config: GateConfig, nois
         if noise >= threshold:
             return "ungated", {**info, "note": f"absolute time: A/A noise {_pct(noise)} >= threshold "
                                                f"{_pct(threshold)}; the in-run ratio is gated instead"}
+    if noise is not None and math.isinf(noise):
+        return "ungated", {**info, "note": "the A/A noise is unbounded on this machine (zero in one run, not in "
+                                           "another): no threshold can gate it"}
     if noise is not None and threshold < noise:
         least = _pct(math.ceil(noise * 1000 - 1e-9) / 1000)
         return "ungated", {**info, "note": f"threshold refused: {_pct(threshold)} is below the measured A/A noise "

@@ -1,14 +1,14 @@
 """The gate's false-alarm and detection rates on this machine, measured (run once; not part of CI).
 
-    python scripts/gate_campaign.py measure --runs 24 --results-dir results   # ~1 h on a 2-core machine
+    python scripts/gate_campaign.py measure --runs 10 --results-dir results   # ~1 h on a busy 2-core machine
     python scripts/gate_campaign.py analyze --results-dir results --out results/<fp>/gate_campaign.json
 
 ``measure`` makes A/A runs: the same code (a frozen copy of the project, so edits to the working tree
 during the campaign change nothing), each run ``python -m harness validate`` in its own process
 (latency and memory suites, the tiny preset, the noise command's default plans), run ids
 ``aa-<stamp>-NN``. ``analyze`` takes the first three runs as the noise floor (``harness noise``) and
-gates every later run against the one before it: each of those comparisons failing is a false
-alarm. Then the same pairs again with the candidate's latency of one combination scaled by 1.10 and
+gates every pair of the later runs (baseline the earlier): each of those comparisons failing is a
+false alarm. Then the same pairs again with the candidate's latency of one combination scaled by 1.10 and
 1.20 (values and raw samples; every case of that plan): the share of scaled cases the gate flags
 is the detection rate.
 """
@@ -16,6 +16,7 @@ is the detection rate.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -89,14 +90,19 @@ def analyze(args: argparse.Namespace) -> dict:
         for f in items:
             floors[(fp, f.preset, f.device, f.dtype, f.suite, f.case, f.metric)] = f.noise
     by_run = {r: frame[frame["run_id"] == r] for r in runs}
-    pairs = list(zip(runs[NOISE_RUNS:-1], runs[NOISE_RUNS + 1:], strict=True))
+    rest = runs[NOISE_RUNS:]
+    # Every pair of the runs after the noise runs (each pair is two separate processes of the same code);
+    # consecutive pairs alone are the independent subset, reported beside.
+    pairs = [(a, b) for i, a in enumerate(rest) for b in rest[i + 1:]]
+    consecutive = set(itertools.pairwise(rest))
     false_alarms, gated, details = 0, [], []
     for a, b in pairs:
         result = gate.compare(by_run[a], by_run[b], config, floors)
         gated.append(sum(c.verdict not in ("ungated",) for c in result.comparisons))
         bad = [f"{c.name} {c.plan_short} {gate._pct(c.change)}" for c in result.regressions]
         false_alarms += bool(bad)
-        details.append({"baseline": a, "candidate": b, "exit": result.exit_code, "regressions": bad,
+        details.append({"baseline": a, "candidate": b, "consecutive": (a, b) in consecutive,
+                        "exit": result.exit_code, "regressions": bad,
                         "noisy": sum(c.verdict == "noisy" for c in result.comparisons)})
     plans = sorted(set(frame[(frame["plan_id"] != "") & (frame["suite"] == "latency")
                              & (frame["metric"] == "ratio_to_reference")]["plan_id"]))
@@ -121,12 +127,16 @@ def analyze(args: argparse.Namespace) -> dict:
         "fingerprint_id": fp, "cpu": here["stable"]["cpu"]["model"],
         "usable_cpus": here["stable"]["cpu"]["usable_cpus"],
         "runs": runs, "noise_runs": runs[:NOISE_RUNS], "comparisons": len(pairs), "false_alarms": false_alarms,
-        "false_alarm_rate": false_alarms / len(pairs), "gated_per_comparison": gated, "detection": detection,
+        "false_alarm_rate": false_alarms / len(pairs),
+        "consecutive_comparisons": len(consecutive),
+        "consecutive_false_alarms": sum(bool(d["regressions"]) for d in details if d["consecutive"]),
+        "gated_per_comparison": gated, "detection": detection,
         "pairs": details, "config": gate.asdict(config), "plans": plans,
         "noise_floors": {"/".join(k[4:]): (None if math.isinf(v) else v) for k, v in sorted(floors.items())},
         "analyzed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     print(json.dumps({k: summary[k] for k in ("cpu", "comparisons", "false_alarms", "false_alarm_rate",
+                                              "consecutive_comparisons", "consecutive_false_alarms",
                                               "detection")}, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(summary, indent=1) + "\n")

@@ -205,6 +205,10 @@ def test_absolute_times_and_single_values_are_gated_only_where_the_noise_floor_a
     times = [c for c in result.comparisons if c.metric == "time"]
     assert times and not any(c.verdict == "ungated" for c in times)
     assert ("memory/decode/kv_cache_bytes", "rope=cached") in regressed(result)
+    unbounded = {**floors, (FP, "tiny", "cpu", "fp32", "memory", "decode", "kv_cache_bytes"): float("inf")}
+    result = judge(synthetic_run("a"), cand, floors=unbounded)
+    kv = [c for c in result.comparisons if c.metric == "kv_cache_bytes"]
+    assert all(c.verdict == "ungated" and "unbounded" in c.note for c in kv)
     noisy = {k: 0.5 for k in floors}
     result = judge(synthetic_run("a"), synthetic_run("b"), floors=noisy)
     assert all(c.verdict == "ungated" for c in result.comparisons if c.metric == "time")
