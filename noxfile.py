@@ -30,12 +30,14 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def validate(session: nox.Session) -> None:
-    """Smoke generation on the tiny preset, then the test suite."""
-    install(session, "test,harness")
-    session.run(
-        "python", "-m", "qwen3_vl", "generate", "--preset", "tiny", "--prompt-ids", "1,2,3", "--max-new-tokens", "8"
-    )
-    session.run("python", "-m", "pytest", "-q", *session.posargs)
+    """The harness on the embedded default: tiny preset, full matrix, CPU (and CUDA when present).
+
+    Imports, numerics, latency and memory for every combination, stored under results/. Extra
+    arguments go to ``python -m harness validate`` (e.g. ``-- --mode pairwise`` or ``-- --shard 1/4``).
+    """
+    install(session, "harness")
+    session.run("python", "-m", "harness", "validate", "--preset", "tiny", "--mode", "full", "--device", "auto",
+                *session.posargs)
 
 
 @nox.session

@@ -1,4 +1,4 @@
-"""Command line: ``python -m harness fingerprint|matrix|imports|validate|golden|gate|noise|selftest``.
+"""Command line: ``python -m harness fingerprint|matrix|imports|validate|golden|gate|noise|selftest|dashboard``.
 
 Exit codes (every command): 0 success, 1 a check failed, 2 the harness could not run as asked (bad
 input, missing device, unwritable results directory) with one line on stderr saying why.
@@ -44,8 +44,8 @@ def _matrix(args: argparse.Namespace) -> int:
             status = "run" if c.runnable else f"skipped: {c.reason}"
             print(f"{c.plan.short_id:<60} {status}\n    {c.plan.id}")
     runnable = sum(c.runnable for c in mine)
-    print(f"{len(mine)} combination(s) ({args.mode}, {target.device}/{target.dtype}, shard {index}/{count}): "
-          f"{runnable} to run, {len(mine) - runnable} skipped", file=sys.stderr)
+    print(f"{args.mode} matrix on {target.device}/{target.dtype}, shard {index}/{count}: {runnable} combination(s) "
+          f"to run, {len(mine) - runnable} skipped (an unavailable option is listed once)", file=sys.stderr)
     return EXIT_OK
 
 
@@ -141,6 +141,17 @@ def _selftest(args: argparse.Namespace) -> int:
         raise HarnessError(str(exc)) from None
 
 
+def _dashboard(args: argparse.Namespace) -> int:
+    from harness import dashboard
+
+    try:
+        path = dashboard.main(args.results, args.out, args.gate_report)
+    except (FileNotFoundError, OSError) as exc:
+        raise HarnessError(str(exc)) from None
+    print(f"dashboard: {path} (open it from disk; it is self-contained)")
+    return EXIT_OK
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m harness", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -225,6 +236,12 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--results-dir", default="results")
     st.add_argument("--no-store", action="store_true", help="do not store the score in the results")
     st.set_defaults(func=_selftest)
+
+    da = sub.add_parser("dashboard", help="build a static, self-contained HTML dashboard from the stored results")
+    da.add_argument("--results", default="results", help="the results folder (every run and machine in it)")
+    da.add_argument("--out", default="site", help="output folder (index.html is written there)")
+    da.add_argument("--gate-report", default=None, help="the gate's JSON report (default: <results>/gate/last.json)")
+    da.set_defaults(func=_dashboard)
     return p
 
 

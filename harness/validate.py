@@ -147,6 +147,8 @@ class Run:
     def repro(self, device: str, plan: Plan | None, part: str) -> str:
         if part == "imports":
             return "python -m harness imports"
+        if part == "matrix":
+            return f"python -m harness matrix --mode {self.opts.mode} --device {device} --dtype {self.opts.dtype}"
         cmd = f"python -m harness validate --preset {self.opts.preset} --device {device} --dtype {self.opts.dtype}"
         if plan is not None:
             cmd += f" --plan '{plan.id}'"
@@ -154,6 +156,15 @@ class Run:
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
+
+    def over_budget(self, next_step: float) -> bool:
+        """Would starting a step expected to take ``next_step`` seconds overrun the run's budget?"""
+        return self.settings.budget_s > 0 and self.elapsed() + next_step > self.settings.budget_s
+
+    def note(self, text: str) -> None:
+        """A progress line for logs (CI, nox): a terminal shows the live progress bars instead."""
+        if not self.console.is_terminal:
+            self.console.print(f"[{self.elapsed():5.0f} s] {text}", highlight=False)
 
 
 def _error(exc: BaseException) -> str:
@@ -169,6 +180,7 @@ def _free(device: str) -> None:
 
 def run_imports(run: Run) -> None:
     modules = imports.discover()
+    run.note(f"imports: {len(modules)} modules, each in a fresh process")
     task = run.progress.add_task("imports", total=len(modules))
     for r in imports.check_all(modules, on_result=lambda _: run.progress.advance(task)):
         m = Measurement("import_seconds", r.seconds, "s") if r.ok else Measurement(
@@ -261,8 +273,14 @@ def run_numerics(dev: DeviceRun, combos: list[matrix.Combination]) -> None:
     todo = matrix.shard(contract_plans(dev.target, combos), index, count)
     task = run.progress.add_task(f"numerics contracts ({dev.device})", total=len(todo))
     models = numerics.Models(dev.build)
-    for plan, reason in todo:
+    spent: list[float] = []
+    for number, (plan, reason) in enumerate(todo, 1):
+        run.note(f"numerics ({dev.device}): contract {number}/{len(todo)} {plan.short_id}")
         params = {"examples": run.settings.numerics_examples, "dtypes": list(run.settings.numerics_dtypes)}
+        started = time.perf_counter()
+        if not reason and run.over_budget(statistics.mean(spent) if spent else 0.0):
+            reason = (f"not reached: the {run.settings.budget_s:.0f} s budget was spent after {number - 1} of "
+                      f"{len(todo)} option contracts; --budget-s 0 or --shard i/n to run them")
         if reason:
             dev.add("numerics", "contract", results.skipped("status", reason), plan, params, part="numerics")
         else:
@@ -277,6 +295,7 @@ def run_numerics(dev: DeviceRun, combos: list[matrix.Combination]) -> None:
             if plan != reference:
                 models.forget(plan)
             _free(dev.device)
+            spent.append(time.perf_counter() - started)
         run.progress.advance(task)
     run.progress.remove_task(task)
 
@@ -287,7 +306,7 @@ def run_numerics(dev: DeviceRun, combos: list[matrix.Combination]) -> None:
 
 def _timing_rows(dev: DeviceRun, case: suite.SuiteCase, plan: Plan, timed: timing.Timed,
                  baseline: timing.Timed | None, params: dict, fallbacks) -> None:
-    name = f"{case.name}"
+    name = case.name
     if timed.error:
         dev.add(case.suite, name, results.failed("time", timed.error), plan, params, fallbacks, case.part)
         return
@@ -377,8 +396,9 @@ def _build_group(dev: DeviceRun, group: list[Plan], measure_load: bool) -> dict[
 def run_combinations(dev: DeviceRun, plans: list[Plan], ordered: bool) -> dict[str, Any]:
     """Build each combination (in groups), run every selected suite case on it.
 
-    With ``ordered`` (full mode) a pairwise cover of ``plans`` goes first; after it, no new group starts
-    once the run's time budget is spent, and the combinations not reached are recorded as skipped.
+    With ``ordered`` (full mode) a pairwise cover of ``plans`` goes first. No new group starts once the
+    run's time budget would be exceeded; the combinations not reached are recorded as skipped, saying
+    whether the pairwise cover was complete.
     """
     run = dev.run
     s = run.settings
@@ -398,14 +418,18 @@ def run_combinations(dev: DeviceRun, plans: list[Plan], ordered: bool) -> dict[s
     size = max(1, s.group_size)
     groups = [plans[i:i + size] for i in range(0, len(plans), size)]
     spent: list[float] = []
+    run.note(f"combinations ({dev.device}): {len(plans)} to run in groups of {size}"
+             + (f"; a pairwise cover of them first ({cover_size})" if cover_size < len(plans) else ""))
     for number, group in enumerate(groups):
-        beyond_cover = number * size >= cover_size
-        expected = statistics.mean(spent[-5:]) if spent else 0.0
-        if beyond_cover and s.budget_s > 0 and run.elapsed() + expected > s.budget_s:
+        if number and number % 10 == 0:
+            run.note(f"combinations ({dev.device}): {stats['measured']}/{len(plans)} measured")
+        if run.over_budget(statistics.mean(spent[-5:]) if spent else 0.0):
             rest = [p for g in groups[number:] for p in g]
-            reason = (f"not reached: the {s.budget_s:.0f} s budget was spent after {stats['measured']} of "
-                      f"{len(plans)} combinations (a pairwise cover of all of them included); "
-                      f"--budget-s 0 or --shard i/n to run them")
+            done = stats["measured"]
+            cover = ("the pairwise cover of all of them was complete" if done >= cover_size else
+                     f"only {done} of the {cover_size} combinations of the pairwise cover were reached")
+            reason = (f"not reached: the {s.budget_s:.0f} s budget was spent after {done} of {len(plans)} "
+                      f"combinations ({cover}); --budget-s 0 or --shard i/n to run them")
             for plan in rest:
                 dev.add("matrix", "combination", results.skipped("status", reason), plan, part="matrix")
             run.console.print(f"[yellow]budget: {len(rest)} combination(s) on {dev.device} not reached in "

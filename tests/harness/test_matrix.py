@@ -34,10 +34,13 @@ CPU = Target("cpu")
 
 def test_full_product_with_reasons(small_registry):
     combos = matrix.full(CPU)
-    assert len(combos) == 5 * 2  # eager, fast, swept, swept[block=32], clashing  x  dynamic, swapped
+    # attention=fast cannot run on a CPU: listed once, not once per kv_cache choice; then
+    # eager, swept, swept[block=32], clashing  x  dynamic, swapped
+    assert len(combos) == 1 + 4 * 2
     by_id = {c.plan.short_id: c for c in combos}
     assert by_id["reference"].runnable
     assert "needs device cuda" in by_id["attention=fast"].reason
+    assert "rules out 2 combinations" in by_id["attention=fast"].reason
     assert "conflicts with kv_cache=swapped" in by_id["attention=clashing,kv_cache=swapped"].reason
     assert by_id["attention=clashing"].runnable
     assert "attention=swept[block=32]" in by_id  # the default variant is spelled as the bare name
@@ -47,7 +50,7 @@ def test_full_product_with_reasons(small_registry):
 def test_options_added_later_appear_without_harness_changes(small_registry, extra_options):
     before = len(matrix.full(CPU))
     extra_options(option("brand_new"))
-    assert len(matrix.full(CPU)) == before + 2
+    assert len(matrix.full(CPU)) == before + 2  # one more attention choice times two kv_cache choices
 
 
 def test_pairwise_covers_every_feasible_pair(small_registry):

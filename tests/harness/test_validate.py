@@ -10,9 +10,9 @@ import sys
 import pytest
 from rich.console import Console
 
-from harness import results, validate
+from harness import matrix, results, validate
 from harness.__main__ import main as cli
-from qwen3_vl.optim import Optimization, Plan
+from qwen3_vl.optim import Optimization, Plan, Target, reference_plan
 
 from . import faults
 from .conftest import copy_of_reference
@@ -75,16 +75,28 @@ def test_shards_merge_into_the_whole_run(tmp_path, small_preset, fast_settings, 
     assert set(frame["plan_short"]) == {"reference", "attention=honest_copy", "attention=other_copy"}
 
 
-def test_budget_keeps_the_pairwise_cover_and_records_the_rest(tmp_path, small_preset, fast_settings,
-                                                              references_only, extra_options):
+def test_budget_runs_the_pairwise_cover_first_and_records_the_rest(tmp_path, small_preset, fast_settings,
+                                                                   references_only, extra_options, monkeypatch):
     extra_options(*(copy_of_reference(axis, f"copy{i}") for axis in ("attention", "rope", "kv_cache") for i in (1, 2)))
-    code = run(tmp_path, small_preset, fast_settings.replace(budget_s=0.001, group_size=1), suites=["memory"])
-    assert code == validate.EXIT_OK
+    cover = len(matrix.cover([c.plan for c in matrix.full(Target("cpu"))], first=reference_plan()))
+    groups = 0  # a fake clock: every group of one combination takes 10 s
+
+    def build_group(*args):
+        nonlocal groups
+        groups += 1
+        return build(*args)
+
+    build = validate._build_group
+    monkeypatch.setattr(validate, "_build_group", build_group)
+    monkeypatch.setattr(validate.Run, "elapsed", lambda self: 10.0 * groups)
+    settings = fast_settings.replace(budget_s=10.0 * cover - 5, group_size=1)
+    assert run(tmp_path, small_preset, settings, suites=["memory"]) == validate.EXIT_OK
     frame = results.load(tmp_path)
     skipped = frame[(frame["suite"] == "matrix") & (frame["status"] == "skipped")]
     measured = set(frame[(frame["suite"] == "memory") & (frame["case"] == "decode")]["plan_id"])
-    assert len(skipped) + len(measured) == 27 and 9 <= len(measured) < 27
-    assert skipped["error"].str.contains("budget").all()
+    assert len(measured) == cover < 27 and len(skipped) + len(measured) == 27
+    assert skipped["error"].str.contains(f"budget was spent after {cover} of 27").all()
+    assert skipped["error"].str.contains("pairwise cover of all of them was complete").all()
     varying = ("attention", "rope", "kv_cache")
     pairs = {pair for plan_id in measured
              for pair in itertools.combinations([c for c in Plan.parse(plan_id).choices if c[0] in varying], 2)}
