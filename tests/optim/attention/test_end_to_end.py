@@ -20,10 +20,9 @@ from ...model.prompts import image_prompt, left_pad, relative_error, text_ids
 
 EXACT_PLANS = [
     "attention=sdpa",
-    "attention=tiled[block_q=8;block_k=16;block_k_decode=16]",
+    "attention=tiled[block_q=8;block_k=16;block_k_decode=16],rope=cached",  # covers tiled and cached
     "attention=block_sparse[block=4;density=1.0]",
     "attention=dynamic_sparse[block=4;density=1.0;calibration_tokens=32;steps=5]",
-    "attention=tiled[block_q=8;block_k=16;block_k_decode=16],rope=cached",
 ]
 TOL = 1e-5
 NEW = 32

@@ -206,4 +206,5 @@ def test_approximate_rope_options_stay_within_budget_on_tiny():
         logp, logq = ref.log_softmax(-1), out.log_softmax(-1)
         assert ((out - ref).abs().max() / ref.abs().max()).item() <= budget["logits_rel"]
         assert (logp.exp() * (logp - logq)).sum(-1).mean().item() <= budget["kl"]
-        assert (out.argmax(-1) == ref.argmax(-1)).float().mean().item() >= budget["top1_agreement"]
+        if "top1_agreement" in budget:
+            assert (out.argmax(-1) == ref.argmax(-1)).float().mean().item() >= budget["top1_agreement"]
