@@ -353,9 +353,11 @@ def main(argv: list[str] | None = None) -> int:
         rows = bench_case(case, {k: fresh[k] for k in built}, args.rounds, args.warmup, target.device, tol)
         all_rows += rows
         best = min((r for r in rows if r.get("samples")), key=lambda r: r["median_ms"], default=None)
-        floor = "" if best is None else (f"; fastest {best['option'].split('[')[0]} {best['median_ms']:.2f} ms = "
-                                         f"{case.flops / best['median_ms'] / 1e6:.1f} GFLOP/s, "
-                                         f"{case.kv_bytes / best['median_ms'] / 1e6:.1f} GB/s of K+V")
+        floor = ""
+        if best is not None:  # against the physical floor: FLOPs for prefill/ViT, bytes of K+V read for decode
+            rate = (f"{case.kv_bytes / best['median_ms'] / 1e6:.2f} GB/s of K+V" if case.kind == "decode"
+                    else f"{case.flops / best['median_ms'] / 1e6:.1f} GFLOP/s")
+            floor = f"; fastest {best['option'].split('[')[0]} {best['median_ms']:.2f} ms = {rate}"
         print(f"\n{name}: {case.flops / 1e9:.2f} GFLOP, K+V {_fmt_bytes(case.kv_bytes)}{floor}")
         print(f"  {'option':58} {'median ms':>10} {'x eager':>8} {'peak mem':>10} {'rel err':>9}  kernels")
         for r in rows:

@@ -124,15 +124,18 @@ class SdpaAttention:
                 self.ran[(kind, choice[0])] += 1
                 self.last = choice[0]
                 return out
-            except RuntimeError as exc:  # a shape the kept kernel rejects: choose again
-                if "No available kernel" not in str(exc) and "No viable backend" not in str(exc):
-                    raise
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError:  # a shape the kept kernel rejects (constraints can depend on lengths): choose again
+                pass
         errors = []
         for backend, native in self._attempts(grouped):
             try:
                 with warnings.catch_warnings():  # PyTorch warns why each disabled kernel was skipped
                     warnings.simplefilter("ignore")
                     out = self._call(backend, native, q, k, v, attn_mask, is_causal, scale)
+            except torch.OutOfMemoryError:
+                raise
             except RuntimeError as exc:
                 errors.append(f"{backend}: {str(exc).splitlines()[0]}")
                 continue
