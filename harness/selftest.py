@@ -4,10 +4,12 @@ Each fault of ``harness/fault_catalogue.py`` is planted in a temporary copy of t
 working tree), and the copy is checked in a fresh process with the harness's own checks, in the
 order that fails fastest: the mutated module imported in a fresh interpreter (the import suite),
 then the reference plan against the golden outputs recorded from transformers, the fault's plans'
-property-based contracts and whole-model comparison (the numerics suite), and the reference plan's
-invariants. A fault is caught when any check fails (a crash counts: the suite would not pass); the
-first failing check is recorded as how. Before any fault, the unmutated copy must pass every check
-on the union of the faults' plans (the control), or the score would mean nothing.
+property-based contracts and the per-combination numerics cases of ``suites/`` (whole-model
+comparison, weight-scaling invariant: the numerics suite), and the reference plan's invariants. A
+fault is caught when any check fails (a crash counts: the suite would not pass); the first failing
+check is recorded as how. Before any fault, the unmutated copy runs every check on the union of the
+faults' plans (the control): a check that already fails there cannot judge a fault and is set aside
+(and reported), and a control that crashes or does not import stops the self-test.
 
 The score (share caught, and which slipped through) is stored in the results store as suite
 ``selftest`` for the dashboard. Exit codes: 0 every fault caught, 1 some slipped through, 2 the
@@ -129,7 +131,7 @@ def worker(preset: str, plans: Sequence[str], full: bool = False, ignore: Sequen
     import torch
 
     import qwen3_vl
-    from harness import golden, matrix, numerics, settings
+    from harness import golden, matrix, numerics, settings, suite
     from harness.workload import benchmark_spec, build_prompt
     from qwen3_vl.checkpoint import hf_state_dict
     from qwen3_vl.hardware.device import target_for
@@ -172,12 +174,21 @@ def worker(preset: str, plans: Sequence[str], full: bool = False, ignore: Sequen
         if record(f"contract {plan.short_id}", numerics.check_plan(plan, models, reference.config, dtypes,
                                                                    config.numerics_examples)):
             return {"failures": failures, "keys": keys, "checks": checks}
+    # The per-combination cases of the numerics suites (suites/*.py with PART = "numerics"), as validate
+    # runs them: the whole-model comparison, the weight-scaling invariant, and whatever is added there.
     prompt = build_prompt(reference.config, benchmark_spec(config.seed))
+    cases, broken = suite.discover()
+    if broken:
+        raise RuntimeError(f"suite modules do not import: {broken}")
+    tracks = [c for c in cases if c.part == "numerics" and c.kind == "track"]
+    shared: dict = {}
     for plan in parsed:
-        model = models(plan, "fp32")
-        if record(f"accuracy {plan.short_id}", numerics.compare_models(model, models(reference_plan(), "fp32"),
-                                                                       prompt, config.new_tokens)):
-            return {"failures": failures, "keys": keys, "checks": checks}
+        bench = suite.Bench(models(plan, "fp32"), models(reference_plan(), "fp32"), prompt, config.new_tokens,
+                            None, shared)
+        for case in tracks:
+            produced = [item if isinstance(item, tuple) else (case.name, item) for item in case.fn(bench) or []]
+            if record(f"{case.suite} {plan.short_id}", produced):
+                return {"failures": failures, "keys": keys, "checks": checks}
     record("contract reference", numerics.check_plan(reference_plan(), models, reference.config,
                                                      list(config.numerics_dtypes), config.numerics_examples))
     return {"failures": failures, "keys": keys, "checks": checks}

@@ -91,3 +91,35 @@ def test_faults_are_caught_by_the_right_check_and_a_harmless_edit_slips_through(
     assert "harmless_comment" in score["error"]
     slipped = frame[frame["case"] == "harmless_comment"].iloc[0]
     assert slipped["status"] == "failed" and slipped["value"] == 0
+
+
+def test_weight_scaling_invariant_passes_per_channel_quant_and_catches_per_tensor(monkeypatch, tiny_weights):
+    """The check added because per-tensor int8 scales slipped through every other check on tiny."""
+    import torch
+
+    import qwen3_vl
+    import qwen3_vl.optim.quant.int8_weight as int8
+    from harness import suite
+    from harness.workload import benchmark_spec, build_prompt
+    from suites import weight_scaling
+
+    config, weights = tiny_weights
+    prompt = build_prompt(config, benchmark_spec())
+    reference = qwen3_vl.build(config, {k: v.clone() for k, v in weights.items()})
+
+    def residual(plan: str):
+        model = qwen3_vl.build(config, {k: v.clone() for k, v in weights.items()}, plan=plan)
+        return dict(weight_scaling.track_channel_scale_equivariance(suite.Bench(model, reference, prompt, 2)))
+
+    assert residual("attention=sdpa") == {}  # nothing replaced: nothing to check
+    for plan in ("quant=int8_weight", "quant=int4_weight[kernel=dequant]"):
+        m = residual(plan)["channel_scale_equivariance"]
+        assert m.status == "ok" and m.value < 1e-5, (plan, m)
+
+    def per_tensor(w):
+        scale = (w.abs().amax() / 127).clamp(min=1e-12).expand(w.shape[0]).contiguous()
+        return torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale
+
+    monkeypatch.setattr(int8, "quantize_int8", per_tensor)
+    m = residual("quant=int8_weight")["channel_scale_equivariance"]
+    assert m.status == "failed" and m.value > 0.01 and "not per output channel" in m.error
