@@ -1,7 +1,8 @@
 """Command line: ``python -m harness fingerprint|matrix|imports|validate|golden|gate|noise|selftest|dashboard``.
 
 Exit codes (every command): 0 success, 1 a check failed, 2 the harness could not run as asked (bad
-input, missing device, unwritable results directory) with one line on stderr saying why.
+input, missing device, unwritable results directory) with one line on stderr saying why. ``gate``
+adds 3: nothing comparable (no baseline with the same fingerprint, preset, device, dtype and plan).
 """
 
 from __future__ import annotations

@@ -48,7 +48,9 @@ from harness.settings import PYPROJECT
 
 EXIT_OK, EXIT_REGRESSION, EXIT_ERROR, EXIT_NOTHING_COMPARABLE = 0, 1, 2, 3
 
-IDENTITY = ("fingerprint_id", "preset", "device", "dtype", "plan_id")
+# plan_key: the plan id without the axes at their reference option, so that registering a new axis
+# (every plan id gains "new_axis=reference") does not cut a machine's history in two.
+IDENTITY = ("fingerprint_id", "preset", "device", "dtype", "plan_key")
 KEY = (*IDENTITY, "suite", "case", "metric")
 KINDS = ("ratio", "time", "memory", "accuracy", "info")
 # What each verdict means for the exit code: only these fail the gate.
@@ -215,8 +217,47 @@ def resolve(ref: str, results_root: Path, workdir: Path, cwd: Path | None = None
     raise GateError(f"'{ref}' is not a results file, a folder, a run id under '{results_root}', or a git ref")
 
 
+def _split_plan(plan_id: str) -> list[str]:
+    parts, depth, current = [], 0, []
+    for ch in plan_id:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    parts.append("".join(current))
+    return [p.strip() for p in parts if p.strip()]
+
+
+def plan_key(plan_id: str, references: dict[str, str] | None = None) -> str:
+    """The plan's non-reference choices, sorted: equal for ids that differ only by reference-valued axes."""
+    if references is None:
+        references = _references()
+    kept = [p for p in _split_plan(plan_id or "") if references.get(p.split("=", 1)[0]) != p.split("=", 1)[-1]]
+    return ",".join(sorted(kept))
+
+
+def _references() -> dict[str, str]:
+    try:
+        from qwen3_vl.optim import AXES, reference_option
+    except Exception:  # the registry does not import: compare raw ids (still like with like)
+        return {}
+    return {axis: reference_option(axis).name for axis in AXES}
+
+
+def keyed(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with its ``plan_key`` column."""
+    if "plan_key" in frame.columns:
+        return frame
+    references = _references()
+    keys = {pid: plan_key(pid, references) for pid in frame["plan_id"].unique()} if len(frame) else {}
+    return frame.assign(plan_key=frame["plan_id"].map(keys) if len(frame) else pd.Series(dtype="str"))
+
+
 def latest(frame: pd.DataFrame) -> pd.DataFrame:
     """One row per key: the one from the most recent run holding it (a folder can hold many runs)."""
+    frame = keyed(frame)
     if frame.empty:
         return frame
     ordered = frame.sort_values(["timestamp", "run_id"], kind="stable")
@@ -494,12 +535,13 @@ def _not_comparable(base: pd.DataFrame, cand: pd.DataFrame) -> tuple[list[NotCom
             out.append(NotComparable(_group_label(group), reason, len(rows)))
             continue
         missing_plans = []
-        for plan_id, plan_rows in rows.groupby("plan_id", sort=True):
-            ident = (fp, preset, device, dtype, plan_id)
+        for key, plan_rows in rows.groupby("plan_key", sort=True):
+            ident = (fp, preset, device, dtype, key)
             if ident in base_groups:
                 comparable.add(ident)
             else:
-                missing_plans.append((plan_id, plan_rows["plan_short"].iloc[0], len(plan_rows)))
+                first = plan_rows.iloc[0]
+                missing_plans.append((first["plan_id"], first["plan_short"], len(plan_rows)))
         for plan_id, short, n in missing_plans:
             out.append(NotComparable(_group_label((*group, short or plan_id)),
                                      "this plan was not measured in the baseline", n))
@@ -550,7 +592,7 @@ def compare(baseline: pd.DataFrame, candidate: pd.DataFrame, config: GateConfig,
         cand_fps = set(cand["fingerprint_id"])
         for _, r in base.drop_duplicates(list(IDENTITY)).iterrows():
             if tuple(r[k] for k in IDENTITY) not in cand_ident and r["fingerprint_id"] in cand_fps:
-                missing.append(_group_label([*(r[k] for k in IDENTITY[:4]), r["plan_short"] or r["plan_id"]]))
+                missing.append(_group_label([*(r[k] for k in IDENTITY[:4]), r["plan_short"] or r["plan_key"]]))
     result = GateResult(labels[0], labels[1], comparisons, not_comparable, missing, [], notes, config)
     result.attributions = attribute(comparisons)
     return result
@@ -633,12 +675,13 @@ def confirm(result: GateResult, baseline: pd.DataFrame, config: GateConfig, nois
     run_id = results.new_run_id() + "-confirm"
     files = measure(groups, workdir / "confirm", run_id)
     fresh = compare(baseline, _load(files, "confirmation run"), config, noise_floors)
-    again = {(c.fingerprint_id, c.preset, c.device, c.dtype, c.plan_id, c.suite, c.case, c.metric): c
+    again = {(c.fingerprint_id, c.preset, c.device, c.dtype, plan_key(c.plan_id), c.suite, c.case, c.metric): c
              for c in fresh.comparisons}
     for c in suspects:
         if c.fingerprint_id != here:
             continue
-        twin = again.get((c.fingerprint_id, c.preset, c.device, c.dtype, c.plan_id, c.suite, c.case, c.metric))
+        twin = again.get((c.fingerprint_id, c.preset, c.device, c.dtype, plan_key(c.plan_id), c.suite, c.case,
+                          c.metric))
         c.confirmed = twin is not None and twin.verdict == "regressed"
         if c.confirmed:
             c.note += f"; confirmed by a fresh run ({_pct(twin.change)})"

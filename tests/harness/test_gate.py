@@ -403,3 +403,15 @@ def test_latest_keeps_the_newest_run_per_key():
     picked = gate.latest(frame(old + new))
     assert set(picked[picked["plan_short"] == PLANS[0]]["run_id"]) == {"new"}
     assert set(picked[picked["plan_short"] == PLANS[1]]["run_id"]) == {"old"}
+
+
+def test_a_newly_registered_axis_does_not_cut_history_in_two():
+    """Old runs' plan ids lack the new axis; it is at its reference option, so they still compare."""
+    base = synthetic_run("old")
+    for row in base:
+        row["plan_id"] = ",".join(p for p in gate._split_plan(row["plan_id"]) if not p.startswith("vision="))
+    result = judge(base, synthetic_run("new", slower={"rope=cached": 1.3}))
+    assert not result.not_comparable
+    assert ("latency/prefill/ratio_to_reference", "rope=cached") in regressed(result)
+    assert gate.plan_key("attention=sdpa,rope=standard,kv_cache=quant_int4[residual=0]") == \
+        "attention=sdpa,kv_cache=quant_int4[residual=0]"
