@@ -158,3 +158,13 @@ def test_comparable_falls_back_to_last_positions_when_rows_were_pruned(tiny_weig
     assert a.shape == (prompt.length, 7)
     a, b = numerics.comparable(pruned, full, prompt)
     assert a.shape == b.shape == (1, 7) and torch.equal(b, full[:, -1])
+
+
+def test_an_approximate_budget_in_bf16_sits_on_top_of_the_dtypes_own_error(extra_options, models, tiny_weights):
+    """An option with a near-zero budget that computes exactly what the reference does passes in bf16:
+    its error against fp32 is the dtype's, which the reference plan has too."""
+    extra_options(faults.scaled("approx_but_exact", 1.0, exact=False, budget={"logits_rel": 1e-7, "kl": 1e-9}))
+    results = dict(numerics.check_plan(Plan.parse("attention=approx_but_exact"), models, tiny_weights[0], ["bf16"],
+                                       examples=3))
+    m = results["contract_agreement_prefill:logits_rel"]
+    assert m.status == "ok" and m.bound > 1e-3 > m.value > 1e-7
