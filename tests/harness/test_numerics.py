@@ -167,4 +167,4 @@ def test_an_approximate_budget_in_bf16_sits_on_top_of_the_dtypes_own_error(extra
     results = dict(numerics.check_plan(Plan.parse("attention=approx_but_exact"), models, tiny_weights[0], ["bf16"],
                                        examples=3))
     m = results["contract_agreement_prefill:logits_rel"]
-    assert m.status == "ok" and m.bound > 1e-3 > m.value > 1e-7
+    assert m.status == "ok" and m.value > 1e-4 and m.bound >= 2 * m.value  # bf16 noise, twice allowed
