@@ -8,8 +8,8 @@ every preference it had to skip and why.
 
 Preferences are exact options only: an approximate option (sparse attention, approximated RoPE,
 weight quantization, token pruning) changes outputs and must be asked for by name. Attention
-preferences follow ``python -m harness.bench_attention``: on CPU (2b shapes) sdpa was 3-10x faster
-than eager at 10-60x less memory and faster than every other option; flash_kv (flash-attn) is
+preferences follow ``python -m harness.bench_attention``: on CPU (2b shapes) sdpa was 3-11x faster
+than eager at 7-120x less peak memory and faster than every other option; flash_kv (flash-attn) is
 first where it can run (sm80+, bf16, package installed) and falls back to sdpa elsewhere.
 Option names of axes other than attention and rope follow their issues; names not registered in
 this build are skipped with the reason recorded.

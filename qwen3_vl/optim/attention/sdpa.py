@@ -175,7 +175,7 @@ OPTION = Optimization(
         "torch scaled_dot_product_attention with the best backend the hardware allows (flash/efficient/cuDNN/"
         "math on CUDA, fused flash or math on CPU); expands KV heads for the mem-efficient kernel; records "
         "the backend that ran; ViT segments of one length in one call. CPU, 2b shapes: 0.09-0.35x eager's "
-        "time at 10-60x less memory (the profiles' default)."
+        "time at 7-120x less peak memory (the profiles' default)."
     ),
     build=lambda model, target, backends="auto": SdpaAttention(target, backends),
     fallback="eager",
