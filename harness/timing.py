@@ -65,6 +65,43 @@ class Clock:
     def samples(self) -> list[float]:
         return [s for r in self.rounds for s in r]
 
+    def add(self, seconds: float, tokens: int = 0) -> None:
+        """Record one sample measured elsewhere (see ``marks``)."""
+        if self.enabled:
+            if not self.rounds:
+                self.rounds.append([])
+            self.rounds[-1].append(seconds)
+            self.tokens = tokens
+
+    def marks(self) -> Marks:
+        return Marks(self)
+
+
+class Marks:
+    """Timestamps taken by calling the object (e.g. as a step observer); ``record_intervals`` adds
+    the time between consecutive marks to the clock. On CUDA the marks are events on the stream,
+    so an interval is the device time between two points of the work, with no synchronisation
+    while the work runs."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.points: list = []
+
+    def __call__(self, *_args) -> None:
+        if self.clock.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.points.append(event)
+        else:
+            self.points.append(time.perf_counter())
+
+    def record_intervals(self, tokens: int = 0) -> None:
+        if self.clock.cuda and self.points:
+            self.points[-1].synchronize()
+        for a, b in zip(self.points, self.points[1:], strict=False):
+            seconds = a.elapsed_time(b) / 1e3 if self.clock.cuda else b - a
+            self.clock.add(seconds, tokens)
+
 
 @dataclass
 class Timed:

@@ -144,28 +144,29 @@ def observe(model):
     """While active, record what ``model.generate`` does: the last-position logits of every
     ``model.step`` call (the first is the prefill) and the caches ``model.new_cache`` creates."""
     seen: dict[str, list] = {"logits": [], "caches": []}
-    step, new_cache = model.step, model.new_cache
-    previous = {name: model.__dict__.get(name) for name in ("step", "new_cache")}  # observers may nest
+    new_cache = model.new_cache
+    previous = model.__dict__.get("new_cache")  # observers may nest
 
-    def observed_step(*args, **kwargs):
-        out = step(*args, **kwargs)
-        seen["logits"].append(out[:, -1].detach())
-        return out
+    def observed_logits(logits):
+        seen["logits"].append(logits[:, -1].detach())
 
     def observed_new_cache(*args, **kwargs):
         cache = new_cache(*args, **kwargs)
         seen["caches"].append(cache)
         return cache
 
-    model.__dict__.update(step=observed_step, new_cache=observed_new_cache)
+    # Step logits come through the model's observer list, which also sees steps that an execution
+    # option replays without calling ``model.step`` (CUDA graphs).
+    model.step_observers.append(observed_logits)
+    model.__dict__["new_cache"] = observed_new_cache
     try:
         yield seen
     finally:
-        for name, value in previous.items():
-            if value is None:
-                model.__dict__.pop(name, None)  # the class's method is visible again
-            else:
-                model.__dict__[name] = value
+        model.step_observers.remove(observed_logits)
+        if previous is None:
+            model.__dict__.pop("new_cache", None)  # the class's method is visible again
+        else:
+            model.__dict__["new_cache"] = previous
 
 
 def generate(model, prompt: Prompt, new_tokens: int):

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import torch
 
-from harness.workload import observe
-
 
 def time_vision_encode(bench, clock) -> None:
     """The vision tower on the prompt's image: patch embedding, ViT blocks, merger and DeepStack taps."""
@@ -28,22 +26,17 @@ def time_prefill(bench, clock) -> None:
 
 
 def time_decode_per_token(bench, clock) -> None:
-    """One sample per decode step of a ``generate`` of ``new_tokens`` tokens (the prefill step untimed)."""
+    """One sample per decode step of a ``generate`` of ``new_tokens`` tokens: the time between the
+    logits of consecutive steps (the first logits are the prefill's). Read from the model's step
+    observers, so it also times steps an execution option replays as a CUDA graph."""
     model, prompt, n = bench.model, bench.prompt, bench.new_tokens
-    step = model.step
-    calls = 0
-
-    def timed_step(*args, **kwargs):
-        nonlocal calls
-        calls += 1
-        if calls == 1:  # the prefill
-            return step(*args, **kwargs)
-        with clock(tokens=prompt.batch):
-            return step(*args, **kwargs)
-
-    with observe(model):  # restores model.step afterwards, whatever happens
-        model.step = timed_step
+    marks = clock.marks()
+    model.step_observers.append(marks)
+    try:
         model.generate(prompt.input_ids, **prompt.inputs(), max_new_tokens=n, min_new_tokens=n, eos_token_id=[])
+    finally:
+        model.step_observers.remove(marks)
+    marks.record_intervals(tokens=prompt.batch)
 
 
 def time_generate(bench, clock) -> None:

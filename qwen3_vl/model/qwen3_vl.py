@@ -33,6 +33,9 @@ class Qwen3VL(nn.Module):
         self.plan: Plan | None = None
         self.fallbacks: list[Fallback] = []
         self.target: Target | None = None
+        # Called with the logits of every decoder step (prefill and each decode step, whoever runs
+        # it: ``step`` or an execution option replaying a captured step); the harness listens here.
+        self.step_observers: list = []
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
@@ -152,7 +155,10 @@ class Qwen3VL(nn.Module):
             cache.end_step()
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        return self.lm_head(hidden)
+        logits = self.lm_head(hidden)
+        for observer in self.step_observers:
+            observer(logits)
+        return logits
 
     @torch.inference_mode()
     def forward(

@@ -85,6 +85,7 @@ class CapturedStep:
         self.graph = None
         if not capture:
             return
+        observers, model.step_observers = model.step_observers, []  # warm-up logits are not real steps
         # Warm up on a side stream (compiles, picks kernels), then restore the cache state the
         # warm-up advanced, then capture.
         saved = (cache.position.clone(), cache.valid.clone(), self.position.clone())
@@ -103,12 +104,16 @@ class CapturedStep:
         cache.position.copy_(saved[0])
         cache.valid.copy_(saved[1])
         self.position.copy_(saved[2])
+        model.step_observers = observers
+        self.model = model
 
     def run(self) -> torch.Tensor:
         """Logits [B, V] of the step for ``self.token`` at ``self.position``."""
         if self.graph is None:
             return self.fn()
         self.graph.replay()
+        for observer in self.model.step_observers:  # a copy: the next replay overwrites the buffer
+            observer(self.logits[:, None].clone())
         return self.logits
 
 
