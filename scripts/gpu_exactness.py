@@ -1,0 +1,80 @@
+"""Exactness of the GPU execution options on a real GPU (what the CPU tests cannot capture).
+
+For the tiny preset on CUDA: greedy tokens of every plan must equal the reference plan's for 64
+tokens in fp32; in bf16 the error of each plan's step logits against the fp32 reference must stay
+within twice the reference plan's own bf16 error (the harness's bf16 rule), over the steps where
+the greedy tokens still agree. Prints one line per plan and exits 1 on any failure.
+
+    python scripts/gpu_exactness.py [--preset tiny] [--tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+import qwen3_vl
+from harness.bench import bench_prompt
+from qwen3_vl.checkpoint import hf_state_dict
+from qwen3_vl.config import preset
+
+PLANS = (
+    "attention=sdpa",
+    "attention=eager,kv_cache=static,execution=cuda_graph",
+    "attention=sdpa,kv_cache=static,execution=cuda_graph",
+    "attention=sdpa,kv_cache=static,execution=compile",
+)
+
+
+def run(model, inputs, tokens):
+    steps = []
+    model.step_observers.append(lambda logits: steps.append(logits[:, -1].float()))
+    out = model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, eos_token_id=[])
+    model.step_observers.clear()
+    return out[:, inputs["input_ids"].shape[1]:].cpu(), torch.stack(steps[:tokens], 1)
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--tokens", type=int, default=64)
+    args = parser.parse_args()
+    config, device, ok = preset(args.preset), "cuda", True
+    weights = hf_state_dict(qwen3_vl.build(config, None, device=device, seed=7), to_cpu=False)
+    inputs = {k: v.to(device) for k, v in bench_prompt(config, 224, 80).items()}
+    ref32 = qwen3_vl.build(config, weights, dtype="fp32", device=device)
+    ref_tokens, ref_steps = run(ref32, inputs, args.tokens)
+    print(f"{args.preset} fp32 reference: {args.tokens} tokens on {torch.cuda.get_device_name()}")
+    for plan in PLANS:
+        model = qwen3_vl.build(config, weights, dtype="fp32", device=device, plan=plan)
+        tokens, steps = run(model, inputs, args.tokens)
+        same = bool(torch.equal(tokens, ref_tokens))
+        err = rel(steps, ref_steps)
+        ok &= same and err <= 1e-5
+        print(f"{'ok  ' if same and err <= 1e-5 else 'FAIL'} fp32 {plan:58} tokens identical={same} "
+              f"step-logits rel err={err:.2e} running={model.plan.short_id} {model.execution.describe()}")
+    ref16 = qwen3_vl.build(config, weights, dtype="bf16", device=device)
+    tok16, steps16 = run(ref16, inputs, args.tokens)
+    for plan in PLANS:
+        model = qwen3_vl.build(config, weights, dtype="bf16", device=device, plan=plan)
+        tokens, steps = run(model, inputs, args.tokens)
+        agree = int((tokens == ref_tokens).all(0).cumprod(0).sum()) if tokens.shape == ref_tokens.shape else 0
+        agree = min(agree, int((tok16 == ref_tokens).all(0).cumprod(0).sum())) + 1  # + the step that chose
+        agree = min(agree, args.tokens)
+        bound = 2 * rel(steps16[:, :agree], ref_steps[:, :agree])
+        err = rel(steps[:, :agree], ref_steps[:, :agree])
+        good = err <= max(bound, 1e-5)
+        ok &= good
+        print(f"{'ok  ' if good else 'FAIL'} bf16 {plan:58} err vs fp32={err:.3e} <= 2x reference bf16 "
+              f"{bound:.3e} over {agree} steps")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Everything this project checks and times on a GPU, in stages, for the device tool:
+#   bash scripts/gpu_run.sh STAGE [STAGE ...]     (stages: setup exact bench2b bench8b attention memory
+#                                                  vision harness pascal)
+# Results go to a results store under $OUT (packed as one tarball, since few files come back),
+# logs to $OUT/log.txt. Carried wheels (in .gpu_wheels) fill in what the GPU image lacks.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+RES=/tmp/gpu-results
+mkdir -p "$RES"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+LOG="$OUT/log.txt"
+status=0
+stage() {  # stage NAME TIMEOUT COMMAND...
+  local name=$1 limit=$2; shift 2
+  echo "=== $name ($(date +%T))" | tee -a "$LOG"
+  timeout "$limit" "$@" 2>&1 | tee -a "$LOG" | grep -vE "Warning|warn\(|^\s*$" | tail -n 40
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name rc=$rc" | tee -a "$LOG"
+  [ "$rc" = 0 ] || status=1
+}
+for s in "$@"; do
+  case $s in
+    setup)
+      stage setup 60 bash -c 'pip install -q --no-index --find-links .gpu_wheels psutil py-cpuinfo nvidia-ml-py \
+        pandas pyarrow rich pytest hypothesis pytest-benchmark 2>&1 | tail -3;
+        python -c "import torch, transformers, pandas, pyarrow; print(torch.__version__, torch.version.cuda, \
+        transformers.__version__, pandas.__version__, pyarrow.__version__, torch.cuda.get_device_name())";
+        nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv' ;;
+    exact) stage exact 180 python scripts/gpu_exactness.py ;;
+    bench2b) stage bench2b 330 python -m harness.bench --preset 2b --device cuda --dtype bf16 --compare transformers \
+               --rounds 3 --results-dir "$RES" ;;
+    bench8b) stage bench8b 480 python -m harness.bench --preset 8b --device cuda --dtype bf16 --compare transformers \
+               --rounds 3 --results-dir "$RES" ;;
+    attention) stage attention 300 python -m harness.bench_attention --preset 2b --device cuda --dtype bf16 \
+                 --results-dir "$RES" ;;
+    memory) stage memory 420 python -m suites.bench_memory_quant --device cuda --dtype fp16 --parts offload,decode,kv \
+              --offload-presets 2b,8b --results-dir "$RES" ;;
+    vision) stage vision 300 python -m pytest -q tests/optim/vision/test_devices.py ;;
+    harness) stage harness 540 python -m harness.gpu_check --results-dir "$RES" ;;
+    *) echo "unknown stage $s"; status=2 ;;
+  esac
+done
+tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null
+exit $status
