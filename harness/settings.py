@@ -22,7 +22,8 @@ PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
 @dataclass(frozen=True)
 class Settings:
-    budget_s: float = 540.0  # validate's wall-clock budget; over it, latency runs on the pairwise subset
+    budget_s: float = 540.0  # validate's wall clock: no new contract or combination starts past it (0: none)
+    numerics_budget_share: float = 0.5  # of each device's budget, at most this for the option contracts
     rounds: int = 5  # timed rounds per latency case (each round times every model of a group once)
     warmup: int = 1  # untimed rounds first
     new_tokens: int = 8  # decode length (min_new_tokens == max_new_tokens)

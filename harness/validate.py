@@ -157,9 +157,12 @@ class Run:
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
 
-    def over_budget(self, next_step: float) -> bool:
-        """Would starting a step expected to take ``next_step`` seconds overrun the run's budget?"""
-        return self.settings.budget_s > 0 and self.elapsed() + next_step > self.settings.budget_s
+    def deadline(self, devices_left: int) -> float | None:
+        """When (in ``elapsed()`` seconds) the next device's work must end: the budget left, shared
+        equally by the devices still to run; None without a budget."""
+        if self.settings.budget_s <= 0:
+            return None
+        return self.elapsed() + max(0.0, self.settings.budget_s - self.elapsed()) / max(1, devices_left)
 
     def note(self, text: str) -> None:
         """A progress line for logs (CI, nox): a terminal shows the live progress bars instead."""
@@ -192,8 +195,12 @@ def run_imports(run: Run) -> None:
 class DeviceRun:
     """Everything measured on one device: the reference, its weights, and models built from them."""
 
-    def __init__(self, run: Run, device: str) -> None:
+    def __init__(self, run: Run, device: str, devices_left: int = 1) -> None:
         self.run, self.device = run, device
+        # The device's share of the budget; the contracts may use ``numerics_budget_share`` of it, so the
+        # per-combination suites always get time too.
+        self.started = run.elapsed()
+        self.deadline = run.deadline(devices_left)
         self.dtype = run.opts.dtype
         self.target = target_for(device, self.dtype)
         seed = run.settings.seed
@@ -224,6 +231,12 @@ class DeviceRun:
 
     def add(self, suite_name, case, m, plan=None, params=None, fallbacks=(), part=""):
         self.run.add(self.device, suite_name, case, m, plan, params, fallbacks, part)
+
+    def over_budget(self, next_step: float, share: float = 1.0) -> bool:
+        """Would a step expected to take ``next_step`` seconds end past ``share`` of this device's budget?"""
+        if self.deadline is None:
+            return False
+        return self.run.elapsed() + next_step > self.started + share * (self.deadline - self.started)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,9 +291,9 @@ def run_numerics(dev: DeviceRun, combos: list[matrix.Combination]) -> None:
         run.note(f"numerics ({dev.device}): contract {number}/{len(todo)} {plan.short_id}")
         params = {"examples": run.settings.numerics_examples, "dtypes": list(run.settings.numerics_dtypes)}
         started = time.perf_counter()
-        if not reason and run.over_budget(statistics.mean(spent) if spent else 0.0):
-            reason = (f"not reached: the {run.settings.budget_s:.0f} s budget was spent after {number - 1} of "
-                      f"{len(todo)} option contracts; --budget-s 0 or --shard i/n to run them")
+        if not reason and dev.over_budget(statistics.mean(spent) if spent else 0.0, run.settings.numerics_budget_share):
+            reason = (f"not reached: the contracts' share of the {run.settings.budget_s:.0f} s budget was spent after "
+                      f"{number - 1} of {len(todo)}; --budget-s 0 or --shard i/n to run them")
         if reason:
             dev.add("numerics", "contract", results.skipped("status", reason), plan, params, part="numerics")
         else:
@@ -423,7 +436,7 @@ def run_combinations(dev: DeviceRun, plans: list[Plan], ordered: bool) -> dict[s
     for number, group in enumerate(groups):
         if number and number % 10 == 0:
             run.note(f"combinations ({dev.device}): {stats['measured']}/{len(plans)} measured")
-        if run.over_budget(statistics.mean(spent[-5:]) if spent else 0.0):
+        if dev.over_budget(statistics.mean(spent[-5:]) if spent else 0.0):
             rest = [p for g in groups[number:] for p in g]
             done = stats["measured"]
             cover = ("the pairwise cover of all of them was complete" if done >= cover_size else
@@ -460,8 +473,8 @@ def run_combinations(dev: DeviceRun, plans: list[Plan], ordered: bool) -> dict[s
     return stats
 
 
-def run_device(run: Run, device: str) -> dict[str, Any]:
-    dev = DeviceRun(run, device)
+def run_device(run: Run, device: str, devices_left: int = 1) -> dict[str, Any]:
+    dev = DeviceRun(run, device, devices_left)
     if run.checked.plans:
         combos = [matrix.classify(p, dev.target) for p in run.checked.plans]
     else:
@@ -571,7 +584,8 @@ def main(opts: Options, console: Console | None = None) -> int:
     with progress:
         if "imports" in checked.parts and index == 1:
             run_imports(run)
-        coverage = {device: run_device(run, device) for device in checked.devices}
+        devices = checked.devices
+        coverage = {device: run_device(run, device, len(devices) - i) for i, device in enumerate(devices)}
     path = results.write_run(run.rows, opts.results_dir, fp, checked.run_id, info.shard, AXES)
     if run.benchmarks:
         doc = timing.benchmark_json(run.benchmarks, fp)
