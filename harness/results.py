@@ -203,6 +203,15 @@ def _to_table(rows: Sequence[dict[str, Any]], axes: Sequence[str]) -> pa.Table:
     return pa.Table.from_pydict(columns, schema=schema)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
 def atomic_write(path: Path, write) -> None:
     """Write via a temp file in the same folder, fsync, then rename: readers never see a partial file."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -211,6 +220,7 @@ def atomic_write(path: Path, write) -> None:
         write(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes the file private; results are for everyone to read
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -243,7 +253,9 @@ def write_run(
     shard: str = "1/1",
     axes: Sequence[str] = (),
 ) -> Path:
-    """Write one run's rows and the machine's ``fingerprint.json``; returns the parquet path."""
+    """Write one run's rows, and the machine's ``fingerprint.json`` if the folder has none yet (the stable
+    tier is the same for every run of a fingerprint id; each run's full fingerprint, volatile readings
+    included, is in its parquet file's metadata: ``read_fingerprint``). Returns the parquet path."""
     fingerprint_id = fingerprint["id"]
     path = run_path(results_dir, fingerprint_id, run_id, shard)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -256,8 +268,9 @@ def write_run(
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), **meta})
     atomic_write(path, lambda tmp: pq.write_table(table, tmp))
     fp_path = path.parent / "fingerprint.json"
-    text = json.dumps(fingerprint, indent=2, sort_keys=True, default=str) + "\n"
-    atomic_write(fp_path, lambda tmp: Path(tmp).write_text(text))
+    if not fp_path.exists():
+        text = json.dumps(fingerprint, indent=2, sort_keys=True, default=str) + "\n"
+        atomic_write(fp_path, lambda tmp: Path(tmp).write_text(text))
     return path
 
 

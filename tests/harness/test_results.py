@@ -119,3 +119,14 @@ def test_unwritable_directory_is_reported(tmp_path):
 def test_bad_run_ids(run_id):
     with pytest.raises(ValueError, match="invalid run id"):
         results.check_run_id(run_id)
+
+
+def test_files_are_readable_by_others_and_fingerprint_json_is_written_once(tmp_path):
+    path = write(tmp_path, "run1")
+    assert path.stat().st_mode & 0o044 == 0o044 & ~results._UMASK
+    fp_file = path.parent / "fingerprint.json"
+    first = fp_file.read_text()
+    results.write_run(some_rows("run2"), tmp_path, {**fingerprint("f" * 16), "volatile": {"cpu_mhz": 2}}, "run2",
+                      axes=AXES)
+    assert fp_file.read_text() == first  # committed results stay clean; each run keeps its own copy inside
+    assert results.read_fingerprint(path.parent / "run2.parquet")["volatile"] == {"cpu_mhz": 2}
