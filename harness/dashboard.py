@@ -584,7 +584,9 @@ def build(results_dir: str | Path, gate_report: str | Path | None = None) -> str
             report = json.loads(gate_path.read_text())
         except (OSError, ValueError):
             load_warnings.append(f"unreadable gate report {gate_path}")
-    fps = sorted(set(frame["fingerprint_id"])) if len(frame) else []
+    # The machine with the most runs first (the one the page opens on).
+    fps = list(frame.groupby("fingerprint_id")["run_id"].nunique().sort_values(ascending=False, kind="stable").index) \
+        if len(frame) else []
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     runs = frame["run_id"].nunique() if len(frame) else 0
     combos = frame.loc[frame["plan_id"] != "", "plan_id"].nunique() if len(frame) else 0

@@ -77,6 +77,58 @@ def scaled(frame: pd.DataFrame, plan_id: str, factor: float) -> pd.DataFrame:
     return out
 
 
+def _keys(result) -> set[tuple[str, str]]:
+    return {(c.name, c.plan_id) for c in result.regressions}
+
+
+def campaign(by_run, pairs, consecutive, plans, config, floors) -> dict:
+    """False alarms over the A/A pairs, and detection of 10%/20% slowdowns injected into one plan; each
+    also after a confirmation (the gate's --confirm): the candidate re-measured, here by another run
+    of the same code, must regress on the same cases too."""
+    order = list(by_run)
+
+    def confirming(a: str, b: str) -> str:
+        others = [r for r in order[order.index(b) + 1:] + order[::-1] if r not in (a, b)]
+        return others[0]
+
+    false_alarms, confirmed_alarms, details = 0, 0, []
+    for a, b in pairs:
+        result = gate.compare(by_run[a], by_run[b], config, floors)
+        bad = [f"{c.name} {c.plan_short} {gate._pct(c.change)}" for c in result.regressions]
+        false_alarms += bool(bad)
+        if bad:
+            again = gate.compare(by_run[a], by_run[confirming(a, b)], config, floors)
+            confirmed_alarms += bool(_keys(result) & _keys(again))
+        details.append({"baseline": a, "candidate": b, "consecutive": (a, b) in consecutive, "exit": result.exit_code,
+                        "regressions": bad, "gated": sum(c.verdict != "ungated" for c in result.comparisons),
+                        "ratios_gated": sum(c.verdict != "ungated" and c.kind == "ratio" for c in result.comparisons),
+                        "noisy": sum(c.verdict == "noisy" for c in result.comparisons)})
+    detection = {}
+    for factor in (1.10, 1.20):
+        cases = hits = confirmed = trials = failed_trials = 0
+        for a, b in pairs:
+            for plan in plans:
+                result = gate.compare(by_run[a], scaled(by_run[b], plan, factor), config, floors)
+                trials += 1
+                failed_trials += result.exit_code == gate.EXIT_REGRESSION
+                mine = [c for c in result.comparisons if c.plan_id == plan and c.metric == "ratio_to_reference"]
+                cases += len(mine)
+                found = {(c.name, c.plan_id) for c in mine if c.verdict == "regressed"}
+                hits += len(found)
+                if found:
+                    again = gate.compare(by_run[a], scaled(by_run[confirming(a, b)], plan, factor), config, floors)
+                    confirmed += len(found & _keys(again))
+        detection[f"{factor:.2f}"] = {"cases": cases, "detected": hits, "rate": hits / cases if cases else math.nan,
+                                      "detected_confirmed": confirmed,
+                                      "rate_confirmed": confirmed / cases if cases else math.nan,
+                                      "trials": trials, "gate_failed": failed_trials}
+    return {"comparisons": len(pairs), "false_alarms": false_alarms, "false_alarm_rate": false_alarms / len(pairs),
+            "false_alarms_confirmed": confirmed_alarms,
+            "consecutive_comparisons": len(consecutive),
+            "consecutive_false_alarms": sum(bool(d["regressions"]) for d in details if d["consecutive"]),
+            "detection": detection, "pairs": details}
+
+
 def analyze(args: argparse.Namespace) -> dict:
     frame = results.load(args.results_dir)
     frame = frame[frame["run_id"].str.startswith("aa-")]
@@ -95,49 +147,28 @@ def analyze(args: argparse.Namespace) -> dict:
     # consecutive pairs alone are the independent subset, reported beside.
     pairs = [(a, b) for i, a in enumerate(rest) for b in rest[i + 1:]]
     consecutive = set(itertools.pairwise(rest))
-    false_alarms, gated, details = 0, [], []
-    for a, b in pairs:
-        result = gate.compare(by_run[a], by_run[b], config, floors)
-        gated.append(sum(c.verdict not in ("ungated",) for c in result.comparisons))
-        bad = [f"{c.name} {c.plan_short} {gate._pct(c.change)}" for c in result.regressions]
-        false_alarms += bool(bad)
-        details.append({"baseline": a, "candidate": b, "consecutive": (a, b) in consecutive,
-                        "exit": result.exit_code, "regressions": bad,
-                        "noisy": sum(c.verdict == "noisy" for c in result.comparisons)})
     plans = sorted(set(frame[(frame["plan_id"] != "") & (frame["suite"] == "latency")
                              & (frame["metric"] == "ratio_to_reference")]["plan_id"]))
-    detection = {}
-    for factor in (1.10, 1.20):
-        cases = hits = trials = failed_trials = 0
-        for a, b in pairs:
-            for plan in plans:
-                result = gate.compare(by_run[a], scaled(by_run[b], plan, factor), config, floors)
-                trials += 1
-                failed_trials += result.exit_code == gate.EXIT_REGRESSION
-                mine = [c for c in result.comparisons if c.plan_id == plan and c.metric == "ratio_to_reference"]
-                cases += len(mine)
-                hits += sum(c.verdict == "regressed" for c in mine)
-        detection[f"{factor:.2f}"] = {"cases": cases, "detected": hits, "rate": hits / cases if cases else math.nan,
-                                      "trials": trials, "gate_failed": failed_trials}
+    variants = {"with_noise_floor": floors, "without_noise_floor": {}}
+    outcome = {name: campaign(by_run, pairs, consecutive, plans, config, found) for name, found in variants.items()}
     fp = sorted(set(frame["fingerprint_id"]))
     from harness import fingerprint
 
     here = fingerprint.collect()
+    # The machine's load when each run started (recorded in its fingerprint's volatile tier).
+    loads = {r: results.read_fingerprint(by_run[r]["source_file"].iloc[0])["volatile"].get("load_average")
+             for r in runs}
     summary = {
         "fingerprint_id": fp, "cpu": here["stable"]["cpu"]["model"],
-        "usable_cpus": here["stable"]["cpu"]["usable_cpus"],
-        "runs": runs, "noise_runs": runs[:NOISE_RUNS], "comparisons": len(pairs), "false_alarms": false_alarms,
-        "false_alarm_rate": false_alarms / len(pairs),
-        "consecutive_comparisons": len(consecutive),
-        "consecutive_false_alarms": sum(bool(d["regressions"]) for d in details if d["consecutive"]),
-        "gated_per_comparison": gated, "detection": detection,
-        "pairs": details, "config": gate.asdict(config), "plans": plans,
+        "usable_cpus": here["stable"]["cpu"]["usable_cpus"], "runs": runs, "noise_runs": runs[:NOISE_RUNS],
+        "plans": plans, "config": gate.asdict(config), "outcome": outcome, "load_average_at_start": loads,
         "noise_floors": {"/".join(k[4:]): (None if math.isinf(v) else v) for k, v in sorted(floors.items())},
         "analyzed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    print(json.dumps({k: summary[k] for k in ("cpu", "comparisons", "false_alarms", "false_alarm_rate",
-                                              "consecutive_comparisons", "consecutive_false_alarms",
-                                              "detection")}, indent=1))
+    shown = ("comparisons", "false_alarms", "false_alarms_confirmed", "consecutive_comparisons",
+             "consecutive_false_alarms", "detection")
+    brief = {name: {k: o[k] for k in shown} for name, o in outcome.items()}
+    print(json.dumps({"cpu": summary["cpu"], "runs": len(runs), **brief}, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(summary, indent=1) + "\n")
     return summary
