@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+import qwen3_vl
 from harness import gate, noise, results
 from harness.__main__ import main as cli
 from harness.results import Measurement, RunInfo
@@ -359,8 +360,8 @@ def test_injected_slowdown_from_a_sleeping_option_fails_with_exit_1_naming_the_c
         base = results.load(store)
         decode = base[(base["case"] == "decode_per_token") & (base["metric"] == "time") & (base["plan_short"] ==
                                                                                          "reference")]
-        layers = 2  # tiny's decoder layers call attention once each per step; sleep ~ half a step per step
-        SleepyAttention.delay = float(decode["value"].iloc[0]) / layers * 0.5
+        layers = qwen3_vl.config.preset("tiny").text.num_hidden_layers  # one attention call per layer per step
+        SleepyAttention.delay = float(decode["value"].iloc[0]) / layers  # about one more step's time: ~2x
         _validate(store, "after", ["attention=sleepy"], settings)
     finally:
         SleepyAttention.delay = 0.0
