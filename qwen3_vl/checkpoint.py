@@ -240,10 +240,22 @@ def materialize_mapped(tensors) -> int:
     """
     copied = 0
     for t in tensors:
-        if mapping_of(t) is not None:
+        found = mapping_of(t)
+        if found is not None:
             t.data = t.data.clone()
-            copied += t.numel() * t.element_size()
+            n = t.numel() * t.element_size()
+            copied += n
+            release_pages(found[0], found[1], n)  # the copy is what counts now: don't hold both
     return copied
+
+
+def release_pages(mm: mmap.mmap, offset: int, nbytes: int) -> None:
+    """Drop the whole pages of ``[offset, offset + nbytes)`` of a copy-on-write file mapping from the
+    process (never written, so they are re-read from the file if touched again)."""
+    start = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE
+    stop = (offset + nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if stop > start:
+        mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
 
 
 def write_aligned_safetensors(tensors: dict[str, torch.Tensor], path: Path, align: int = 64) -> None:

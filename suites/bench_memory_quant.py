@@ -396,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rss-tokens", type=int, default=16)
     parser.add_argument("--offload-presets", default="2b,8b")
     parser.add_argument("--offload-tokens", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument("--results-dir", default="results")
     parser.add_argument("--no-store", action="store_true")
     parser.add_argument("--probe-rss", help=argparse.SUPPRESS)
@@ -404,14 +405,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.probe_rss:
         print(json.dumps(probe_rss(args.checkpoint, args.probe_rss, args.rss_tokens)))
         return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     unknown = parts - {"decode", "kv", "rss", "offload"}
     if unknown:
         print(f"error: unknown part '{sorted(unknown)[0]}'; parts are decode, kv, rss, offload", file=sys.stderr)
         return 2
     cpu = fingerprint_mod.cpu_info()
-    print(f"machine: {cpu.get('brand', cpu)} | torch {torch.__version__} | capability "
-          f"{torch.backends.cpu.get_cpu_capability()} | threads {torch.get_num_threads()}")
+    flags = cpu.get("isa_flags", [])
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    print(f"machine: {cpu.get('model', '?')} ({isa}{', VNNI' if 'avx512_vnni' in flags or 'avx_vnni' in flags else ''}"
+          f"{', BF16' if 'avx512_bf16' in flags else ''}) | torch {torch.__version__} | kernels "
+          f"{torch.backends.cpu.get_cpu_capability()} | threads {torch.get_num_threads()} | "
+          f"load average {os.getloadavg()[0]:.1f}")
     decode_rows = decode_part(args, [p.strip() for p in args.plans.split(";")]) if "decode" in parts else []
     kv_rows = kv_part(args) if "kv" in parts else []
     rss_rows = rss_part(args) if "rss" in parts else []

@@ -27,7 +27,6 @@ process with SIGBUS (a missing or truncated file at load fails in ``from_pretrai
 
 from __future__ import annotations
 
-import mmap
 import shutil
 import tempfile
 import weakref
@@ -40,14 +39,13 @@ from qwen3_vl.checkpoint import (
     mapping_of,
     materialize_mapped,
     read_safetensors,
+    release_pages,
     write_aligned_safetensors,
 )
 from qwen3_vl.optim.memory.offload_cpu import place
 from qwen3_vl.optim.memory.planner import parse_bytes, plan_memory
 from qwen3_vl.optim.memory.streaming import LayerStreamer, Unit, _bind, _tensors_of, pack_unit
 from qwen3_vl.optim.plan import Optimization
-
-PAGE = mmap.PAGESIZE
 
 
 def map_to_files(modules: dict[str, torch.nn.Module], folder: Path, copy: bool) -> int:
@@ -88,10 +86,7 @@ class FileChecks:
             end = offset + t.numel() * t.element_size()
             entry = needs.setdefault(id(mm), [mm, 0, path])
             entry[1] = max(entry[1], end)
-            start = -(-offset // PAGE) * PAGE
-            stop = end // PAGE * PAGE
-            if stop > start:
-                self.ranges.append((mm, start, stop - start))
+            self.ranges.append((mm, offset, end - offset))
         self.needs = list(needs.values())
 
     def check(self) -> None:
@@ -101,8 +96,8 @@ class FileChecks:
                                       f"the weights need {end}; reload the model from an intact checkpoint")
 
     def release(self) -> None:
-        for mm, start, length in self.ranges:
-            mm.madvise(mmap.MADV_DONTNEED, start, length)
+        for mm, offset, length in self.ranges:
+            release_pages(mm, offset, length)
 
 
 class PinnedStager:
