@@ -246,34 +246,42 @@ def rss_part(args) -> list[dict]:
 
 
 @torch.inference_mode()
-def run_plan_on_gpu(preset: str, dtype: str, plan: str, budget: int | None, ids: torch.Tensor, new_tokens: int):
-    """Build + prefill + greedy decode under an optional hard cap; returns logits, timing, peaks."""
-    index = torch.cuda.current_device()
-    total = torch.cuda.get_device_properties(index).total_memory
-    gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(index)
-    if budget is not None:
-        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), index)
+def run_plan_on_gpu(preset: str, dtype: str, plan: str, budget: int | None, ids: torch.Tensor, new_tokens: int,
+                    device: str = "cuda", forced: list[int] | None = None):
+    """Build + prefill + decode under an optional hard cap; returns logits, timing, peaks. Greedy,
+    or fed the ``forced`` tokens (the reference's), so every plan's logits have the same context.
+
+    ``device="cpu"`` is a dry run of this code path (no caps, no device peaks; offload_cpu falls back).
+    """
+    cuda = device == "cuda"
+    index = torch.cuda.current_device() if cuda else None
+    if cuda:
+        total = torch.cuda.get_device_properties(index).total_memory
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(index)
+        if budget is not None:
+            torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), index)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     try:
-        model = qwen3_vl.from_pretrained(preset, plan=plan, device="cuda", dtype=dtype, seed=0)
+        model = qwen3_vl.from_pretrained(preset, plan=plan, device=device, dtype=dtype, seed=0)
         cache = model.new_cache(1, ids.shape[1] + new_tokens + 1)
         pos, _ = mrope_positions(ids, model.config)
         emb = model.language_model.embed_tokens(ids.to(model.device)).to(model.compute_dtype)
         out = [model.step(emb, pos, None, cache, logits_to_keep=1)[0, -1].float().cpu()]
-        torch.cuda.synchronize()
+        sync()
         t = time.perf_counter()
         for i in range(new_tokens):
-            token = out[-1].argmax().view(1, 1).to(model.device)
+            token = (out[-1].argmax() if forced is None else torch.tensor(forced[i])).view(1, 1).to(model.device)
             emb = model.language_model.embed_tokens(token).to(model.compute_dtype)
             p = torch.full((3, 1, 1), ids.shape[1] + i, device=model.device)
             out.append(model.step(emb, p, None, cache)[0, -1].float().cpu())
-        torch.cuda.synchronize()
+        sync()
         seconds = time.perf_counter() - t
         info = model.memory.describe()
         row = {"plan": str(model.plan.short_id), "requested": plan, "budget": budget,
-               "peak_allocated": torch.cuda.max_memory_allocated(index),
-               "peak_reserved": torch.cuda.max_memory_reserved(index),
+               "peak_allocated": torch.cuda.max_memory_allocated(index) if cuda else 0,
+               "peak_reserved": torch.cuda.max_memory_reserved(index) if cuda else 0,
                "ms_per_token": seconds / new_tokens * 1e3,
                "bytes_copied_per_token": info.get("bytes_copied", 0) / (new_tokens + 1),
                "resident_layers": info.get("resident_layers"), "streamed_layers": info.get("streamed_layers"),
@@ -285,15 +293,15 @@ def run_plan_on_gpu(preset: str, dtype: str, plan: str, budget: int | None, ids:
     except Exception as exc:  # OOM or a budget error: reported, not fatal
         return None, {"plan": plan, "requested": plan, "budget": budget, "error": f"{type(exc).__name__}: {exc}"}
     finally:
-        torch.cuda.set_per_process_memory_fraction(1.0, index)
         gc.collect()
-        torch.cuda.empty_cache()
+        if cuda:
+            torch.cuda.set_per_process_memory_fraction(1.0, index)
+            torch.cuda.empty_cache()
 
 
 def offload_part(args) -> list[dict]:
-    if not torch.cuda.is_available():
-        print("\noffload: no CUDA device here; skipped (run it on a GPU)")
-        return []
+    if args.device != "cuda":
+        print("\noffload: a dry run of the GPU check on this CPU (no device caps or peaks; offload_cpu falls back)")
     ids = torch.randint(0, 1000, (1, 64), generator=torch.Generator().manual_seed(0))
     rows = []
     small = "context=1024;prefill=512"
@@ -304,23 +312,25 @@ def offload_part(args) -> list[dict]:
                  (f"memory=offload_disk[budget=4GiB;{small}]", 4 * GiB),
                  (f"quant=int8_weight,memory=offload_cpu[budget=2GiB;{small}]", 2 * GiB),
                  ("quant=int8_weight", None), ("quant=int4_weight", None), ("kv_cache=static", None)]
-        base = None
+        base = forced = None
         for plan, budget in plans:
-            logits, row = run_plan_on_gpu(preset, args.dtype, plan, budget, ids, args.offload_tokens)
+            logits, row = run_plan_on_gpu(preset, args.dtype, plan, budget, ids, args.offload_tokens, args.device,
+                                          forced)
             row["preset"] = preset
             if logits is not None:
                 if base is None:
-                    base = logits
+                    base, forced = logits, logits.argmax(-1).tolist()
                 row["bitwise_equal_to_resident"] = bool(torch.equal(logits, base))
-                row["logits_rel"] = ((logits - base).abs().max() / base.abs().max()).item()
-                row["within_budget"] = budget is None or row["peak_allocated"] <= budget
+                row.update(kl_top1_rel(logits, base))
+                row["within_budget"] = budget is None or args.device != "cuda" or row["peak_allocated"] <= budget
             rows.append(row)
             state = row["error"] or (f"peak {human(row['peak_allocated'])}"
                                      + (f" (budget {human(budget)}: {'ok' if row['within_budget'] else 'OVER'})"
                                         if budget else "")
                                      + f", {row['ms_per_token']:.1f} ms/token, "
                                      f"{human(row['bytes_copied_per_token'])} copied/token, "
-                                     f"bitwise={row['bitwise_equal_to_resident']}, rel {row['logits_rel']:.1e}")
+                                     f"bitwise={row['bitwise_equal_to_resident']}, rel {row['logits_rel']:.1e}, "
+                                     f"KL {row['kl']:.1e}, top-1 {row['top1_agreement']:.2f}")
             print(f"  {preset:4} {plan:62} {state}")
     return rows
 
@@ -366,7 +376,7 @@ def store(args, decode_rows, kv_rows, rss_rows, offload_rows) -> str:
     for r in offload_rows:
         plan = Plan.parse(r["requested"])
         if r["error"]:
-            rows.append(results.make_row(run, "cuda", SUITE, f"offload_{r['preset']}",
+            rows.append(results.make_row(run, args.device, SUITE, f"offload_{r['preset']}",
                                          results.failed("peak_allocated", r["error"]), plan, {}, (), repro))
             continue
         ok = r["within_budget"]
@@ -375,7 +385,7 @@ def store(args, decode_rows, kv_rows, rss_rows, offload_rows) -> str:
                   M("decode_time", r["ms_per_token"] / 1e3, "s", better="lower"),
                   M("bytes_copied_per_token", r["bytes_copied_per_token"], "B", better="lower"),
                   M("logits_rel", r["logits_rel"], "ratio", better="lower")):
-            rows.append(results.make_row(run, "cuda", SUITE, f"offload_{r['preset']}", m, plan, {}, (), repro))
+            rows.append(results.make_row(run, args.device, SUITE, f"offload_{r['preset']}", m, plan, {}, (), repro))
     return str(results.write_run(rows, args.results_dir, fp, run.run_id, axes=registry.AXES))
 
 
