@@ -167,7 +167,7 @@ class Run:
     def note(self, text: str) -> None:
         """A progress line for logs (CI, nox): a terminal shows the live progress bars instead."""
         if not self.console.is_terminal:
-            self.console.print(f"[{self.elapsed():5.0f} s] {text}", highlight=False)
+            self.console.print(f"[{self.elapsed():5.0f} s] {text}", markup=False, highlight=False)
 
 
 def _error(exc: BaseException) -> str:
@@ -400,6 +400,10 @@ def _build_group(dev: DeviceRun, group: list[Plan], measure_load: bool) -> dict[
             else:
                 model = dev.build(plan)
             members[plan.id] = (plan, model)
+        except PlanError as exc:  # the matrix found no declared conflict, yet the options refuse each other
+            dev.add("build", "build", results.failed("status", (
+                f"undeclared conflict: building the plan raised PlanError: {exc} (declare it on the option with "
+                "conflicts= or needs= so the matrix skips the combination)")), plan, part="numerics")
         except Exception as exc:
             dev.add("build", "build", results.failed("status", _error(exc)), plan, part="numerics")
             _free(dev.device)
@@ -533,7 +537,7 @@ def summary_table(frame, limit: int = 40) -> Table:
         checks += f", {skipped} skipped" if skipped else ""
         decode_ms = _pick(g, "latency", "decode_per_token", "time")
         mem = _pick(g, "memory", "decode", "cuda_allocated_increase" if device.startswith("cuda") else "rss_increase")
-        table.add_row(device, g["plan_short"].iloc[0], checks, _fmt(rel.max() if len(rel) else None, "{:.2g}"),
+        table.add_row(device, Text(g["plan_short"].iloc[0]), checks, _fmt(rel.max() if len(rel) else None, "{:.2g}"),
                       _fmt(_pick(g, "latency", "prefill", "ratio_to_reference"), "{:.3f}"),
                       _fmt(_pick(g, "latency", "decode_per_token", "ratio_to_reference"), "{:.3f}"),
                       _fmt(None if decode_ms is None else decode_ms * 1e3, "{:.2f}"), _human_bytes(mem))
@@ -564,7 +568,7 @@ def print_summary(run: Run, frame, path: Path | None) -> None:
     console.print(f"rows: {counts.get('ok', 0)} ok, {counts.get('failed', 0)} failed, {counts.get('skipped', 0)} "
                   f"skipped; {run.elapsed():.0f} s")
     if path is not None:
-        console.print(f"results: {path}")
+        console.print(f"results: {path}", markup=False)
 
 
 def main(opts: Options, console: Console | None = None) -> int:
@@ -578,7 +582,8 @@ def main(opts: Options, console: Console | None = None) -> int:
                         console=console, transient=True)
     run = Run(opts, checked, info, console, progress)
     console.print(f"validate: preset {opts.preset}, {opts.mode} matrix, devices {', '.join(checked.devices)}, "
-                  f"dtype {info.dtype}, shard {info.shard}, suites {', '.join(checked.parts)}; fingerprint {fp['id']}")
+                  f"dtype {info.dtype}, shard {info.shard}, suites {', '.join(checked.parts)}; fingerprint {fp['id']}",
+                  markup=False)
     for name, error in checked.broken_suites.items():
         run.add("", name, "import", results.failed("status", error), part=name)
     with progress:

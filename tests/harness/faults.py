@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from qwen3_vl.model.positions import InputError
 from qwen3_vl.model.text import AttentionMask
 from qwen3_vl.optim.attention.eager import EagerAttention
 from qwen3_vl.optim.kv_cache.dynamic import DynamicCache, DynamicCacheFactory
@@ -34,6 +35,15 @@ class BatchDependentAttention(EagerAttention):
 
     def text(self, q, k, v, mask, scale):
         return super().text(q, k, v, mask, scale * (1 + 0.05 * (q.shape[0] - 1)))
+
+
+class SingleRowAttention(EagerAttention):
+    """Correct, but declines batches of more than one row (a declared limitation, not a fault)."""
+
+    def text(self, q, k, v, mask, scale):
+        if q.shape[0] > 1:
+            raise InputError("single_row attention does not support batches; run the rows separately")
+        return super().text(q, k, v, mask, scale)
 
 
 class SwappedCache(DynamicCache):
@@ -66,6 +76,7 @@ WRONG_SCALE = scaled("wrong_scale", 1.05)
 HONEST_COPY = scaled("honest_copy", 1.0)
 NON_CAUSAL = attention("non_causal", NonCausalAttention)
 BATCH_DEPENDENT = attention("batch_dependent", BatchDependentAttention)
+SINGLE_ROW = attention("single_row", SingleRowAttention)
 SWAPPED_CACHE = Optimization(name="swapped", axis="kv_cache", exact=True, summary="test-only: swapped key slots",
                              build=lambda model, target: SwappedCacheFactory(model.config.text.num_hidden_layers))
 GPU_ONLY = Optimization(name="gpu_only", axis="attention", exact=True, summary="test-only: needs CUDA",

@@ -168,3 +168,12 @@ def test_an_approximate_budget_in_bf16_sits_on_top_of_the_dtypes_own_error(extra
                                        examples=3))
     m = results["contract_agreement_prefill:logits_rel"]
     assert m.status == "ok" and m.value > 1e-4 and m.bound >= 2 * m.value  # bf16 noise, twice allowed
+
+
+def test_inputs_a_plan_declines_are_counted_not_failed(extra_options, models, tiny_weights):
+    extra_options(faults.SINGLE_ROW)
+    results = numerics.check_plan(Plan.parse("attention=single_row"), models, tiny_weights[0], ["fp32"], examples=6)
+    assert not failed(results), results
+    support = dict(results)["contract_input_support"]
+    assert support.status == "skipped" and support.value > 0 and "does not support batches" in support.error
+    assert dict(results)["contract_causality"].status == "ok"  # single-row examples still ran every check
