@@ -123,3 +123,37 @@ def test_weight_scaling_invariant_passes_per_channel_quant_and_catches_per_tenso
     monkeypatch.setattr(int8, "quantize_int8", per_tensor)
     m = residual("quant=int8_weight")["channel_scale_equivariance"]
     assert m.status == "failed" and m.value > 0.01 and "not per output channel" in m.error
+
+
+def test_kv_scaling_invariant_passes_every_cache_and_catches_per_tensor_kv_scales(monkeypatch, tiny_weights):
+    """The check added because per-tensor KV-cache scales slipped through every other check on tiny."""
+    import torch
+
+    import qwen3_vl
+    import qwen3_vl.optim.kv_cache.kivi as kivi
+    from harness import matrix, suite
+    from harness.workload import benchmark_spec, build_prompt
+    from suites import kv_scaling
+
+    config, weights = tiny_weights
+    prompt = build_prompt(config, benchmark_spec())
+    reference = qwen3_vl.build(config, {k: v.clone() for k, v in weights.items()})
+
+    def check(plan: str):
+        model = qwen3_vl.build(config, {k: v.clone() for k, v in weights.items()}, plan=plan)
+        return dict(kv_scaling.track_kv_scale_equivariance(suite.Bench(model, reference, prompt, 2)))
+
+    for choice in matrix.choices("kv_cache"):
+        for m in check(f"kv_cache={choice}").values():
+            assert m.status == "ok", (choice, m)
+
+    def per_tensor(x, bits, dim, valid=None):
+        levels = 2**bits - 1
+        lo, hi = x.amin().expand_as(x.amin(dim, keepdim=True)), x.amax().expand_as(x.amax(dim, keepdim=True))
+        scale = ((hi - lo) / levels).clamp(min=1e-6).half()
+        codes = torch.round((x - lo.half().float()) / scale.float()).clamp_(0, levels).to(torch.uint8)
+        return codes, scale, lo.half()
+
+    monkeypatch.setattr(kivi, "quantize", per_tensor)
+    m = check("kv_cache=quant_int8[residual=0]")["kv_scale_equivariance"]
+    assert m.status == "failed" and "per key channel" in m.error
