@@ -313,6 +313,8 @@ def offload_part(args) -> list[dict]:
                  (f"quant=int8_weight,memory=offload_cpu[budget=2GiB;{small}]", 2 * GiB),
                  ("quant=int8_weight", None), ("quant=int4_weight", None), ("kv_cache=static", None)]
         base = forced = None
+        if args.offload_base:  # e.g. attention=sdpa for every row: the ViT's eager scores alone need GiBs
+            plans = [(args.offload_base if p == "reference" else f"{args.offload_base},{p}", b) for p, b in plans]
         for plan, budget in plans:
             logits, row = run_plan_on_gpu(preset, args.dtype, plan, budget, ids, args.offload_tokens, args.device,
                                           forced)
@@ -406,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rss-tokens", type=int, default=16)
     parser.add_argument("--offload-presets", default="2b,8b")
     parser.add_argument("--offload-tokens", type=int, default=16)
+    parser.add_argument("--offload-base", default="attention=sdpa",
+                        help="plan axes every offload row shares ('' for the reference attention)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument("--results-dir", default="results")
     parser.add_argument("--no-store", action="store_true")

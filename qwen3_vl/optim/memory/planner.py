@@ -10,7 +10,8 @@ Rules, in order:
 1. Always resident on the device: the output matrix (and the embedding when tied to it), norms,
    the ViT's patch embedding / position table / mergers. An untied input embedding stays in host
    memory (``host_embedding``): a decode step looks up one row.
-2. Reserved: the activation workspace for a ``prefill``-token prompt and the KV cache for
+2. Reserved: 5% of the budget (at least 64 MiB) of slack for the allocator's rounding and
+   fragmentation and the BLAS workspaces, the activation workspace for a ``prefill``-token prompt and the KV cache for
    ``context`` tokens (for ``kv_cache=hierarchical_kv``, only its hot window on the device plus
    one layer's dequantized older tokens).
 3. Whatever remains holds the decoder layers, then the ViT blocks. If not all fit, two streaming
@@ -91,12 +92,13 @@ class MemoryPlan:
     kv_reserve_bytes: int  # estimate
     kv_hot_tokens: int | None = None
     notes: list[str] = field(default_factory=list)
+    slack_bytes: int = 0
 
     @property
     def device_bytes(self) -> int:
         vision = 0 if self.stream_vision else self.vision_block_bytes * self.vision_blocks
         return (self.fixed_bytes + sum(self.layer_bytes[i] for i in self.resident_layers) + vision
-                + self.buffer_bytes + self.workspace_bytes + self.kv_reserve_bytes)
+                + self.buffer_bytes + self.workspace_bytes + self.kv_reserve_bytes + self.slack_bytes)
 
     def report(self) -> str:
         n = len(self.layer_bytes)
@@ -113,7 +115,8 @@ class MemoryPlan:
             f"KV cache:          {human(self.kv_reserve_bytes)} reserved (estimate): {self.kv_tokens} tokens "
             f"x {human(self.kv_bytes_per_token)}/token on the device"
             + (f"; hierarchical hot window {self.kv_hot_tokens} tokens" if self.kv_hot_tokens else ""),
-            f"workspace:         {human(self.workspace_bytes)} (estimate for the prefill activations)",
+            f"workspace:         {human(self.workspace_bytes)} (estimate for the prefill activations)"
+            + (f" + {human(self.slack_bytes)} allocator slack" if self.slack_bytes else ""),
             f"planned device total: {human(self.device_bytes)}",
         ]
         lines += [f"note: {n}" for n in self.notes]
@@ -186,7 +189,8 @@ def plan_memory(model, budget: int | None, *, context: int = 4096, prefill: int 
             notes.append(f"KV reserve counts kv_cache={kv_name} at full precision (an upper bound)")
     workspace = workspace_estimate(model, prefill, image_patches, dtype_bytes)
 
-    everything = fixed + sum(layer_bytes) + block_bytes * len(blocks) + workspace + kv_reserve
+    slack = 0 if budget is None else max(64 * MiB, budget // 20)
+    everything = fixed + sum(layer_bytes) + block_bytes * len(blocks) + workspace + kv_reserve + slack
     all_layers = list(range(len(layers)))
     if budget is None:
         return MemoryPlan(None, [], all_layers, bool(blocks), host_embedding, fixed, layer_bytes, block_bytes,
@@ -195,17 +199,17 @@ def plan_memory(model, budget: int | None, *, context: int = 4096, prefill: int 
     if budget >= everything:
         return MemoryPlan(budget, all_layers, [], False, host_embedding, fixed, layer_bytes, block_bytes,
                           len(blocks), 0, workspace, per_token, kv_tokens, kv_reserve, hot,
-                          [*notes, "everything fits: nothing streams"])
+                          [*notes, "everything fits: nothing streams"], slack)
     # Stream the ViT first (it runs once per image), then as few decoder layers as possible.
     buffers = 2 * max([*layer_bytes, block_bytes])
-    minimum = fixed + workspace + kv_reserve + buffers
+    minimum = fixed + workspace + kv_reserve + buffers + slack
     if budget < minimum:
         raise MemoryBudgetError(
             f"a device budget of {human(budget)} is too small for this model and plan: the minimum is "
             f"{human(minimum)} (always-resident weights {human(fixed)}, two streaming buffers {human(buffers)}, "
             f"KV cache {human(kv_reserve)} for {kv_tokens} tokens, prefill workspace {human(workspace)} for "
-            f"{prefill} tokens). Use a smaller context, int8/int4 weights, kv_cache=hierarchical_kv, or a "
-            f"larger budget."
+            f"{prefill} tokens, allocator slack {human(slack)}). Use a smaller context, int8/int4 weights, "
+            f"kv_cache=hierarchical_kv, or a larger budget."
         )
     room = budget - minimum
     resident = []
@@ -219,7 +223,7 @@ def plan_memory(model, budget: int | None, *, context: int = 4096, prefill: int 
     if not streamed and block_bytes * len(blocks) <= room + buffers:
         stream_vision, buffers = False, 0  # only the ViT needed streaming, and it fits without buffers
     return MemoryPlan(budget, resident, streamed, stream_vision, host_embedding, fixed, layer_bytes, block_bytes,
-                      len(blocks), buffers, workspace, per_token, kv_tokens, kv_reserve, hot, notes)
+                      len(blocks), buffers, workspace, per_token, kv_tokens, kv_reserve, hot, notes, slack)
 
 
 def plan_with_budget(plan: str | None, budget: str, device: str) -> str:
