@@ -37,7 +37,8 @@ from qwen3_vl.optim import registry
 SUITE = "bench"
 DEFAULT_PLANS = {
     "cpu": ["reference", "attention=sdpa,kv_cache=static", "attention=sdpa,kv_cache=static,quant=int8_weight"],
-    "cuda": ["reference", "attention=sdpa", "attention=sdpa,kv_cache=static,execution=cuda_graph",
+    "cuda": ["reference", "attention=sdpa", "attention=eager,kv_cache=static,execution=cuda_graph",
+             "attention=sdpa,kv_cache=static,execution=cuda_graph", "attention=eager,kv_cache=static,execution=compile",
              "attention=sdpa,kv_cache=static,execution=compile"],
 }
 
@@ -101,7 +102,7 @@ def ours(label: str, config, state_dict, dtype, device, plan) -> Engine:
     return Engine(label, generate, model.plan, list(model.fallbacks))
 
 
-def transformers_engines(config, state_dict, dtype, device) -> list[Engine]:
+def transformers_engines(config, state_dict, dtype, device, paths=("sdpa", "static")) -> list[Engine]:
     """transformers' Qwen3VLForConditionalGeneration on the same tensors: its default path (sdpa,
     dynamic cache) and, on CUDA, its fastest (static cache, which compiles the decode step)."""
     import transformers
@@ -123,8 +124,8 @@ def transformers_engines(config, state_dict, dtype, device) -> list[Engine]:
         return generate
 
     version = transformers.__version__
-    engines = [Engine(f"transformers {version} sdpa", make())]
-    if torch.device(device).type == "cuda":
+    engines = [Engine(f"transformers {version} sdpa", make())] if "sdpa" in paths else []
+    if "static" in paths and torch.device(device).type == "cuda":
         engines.append(Engine(f"transformers {version} static", make(cache_implementation="static")))
     return engines
 
@@ -168,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--plan", action="append", help="a plan to measure (repeat); default: per device")
     parser.add_argument("--compare", action="append", default=[], choices=["transformers"])
+    parser.add_argument("--transformers-paths", default="sdpa,static",
+                        help="which transformers paths to run: sdpa (default cache), static (compiled decode)")
     parser.add_argument("--llama-bench", type=Path, help="llama-bench -o json output to show beside")
     parser.add_argument("--image-size", type=int, default=448, help="pixels a side of the prompt's image (0: none)")
     parser.add_argument("--prompt-tokens", type=int, default=262)
@@ -200,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     del reference
     engines = [ours(p, config, state_dict, args.dtype, device, p) for p in plans]
     if "transformers" in args.compare:
-        engines += transformers_engines(config, state_dict, args.dtype, device)
+        engines += transformers_engines(config, state_dict, args.dtype, device, args.transformers_paths.split(","))
     inputs = bench_prompt(config, args.image_size, args.prompt_tokens, args.seed) if args.image_size else {
         "input_ids": torch.randint(0, 1000, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))}
     inputs = {k: v.to(device) for k, v in inputs.items()}

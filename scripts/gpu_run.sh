@@ -24,15 +24,21 @@ for s in "$@"; do
   case $s in
     setup)
       stage setup 60 bash -c 'pip install -q --no-index --find-links .gpu_wheels psutil py-cpuinfo nvidia-ml-py \
-        pandas pyarrow rich pytest hypothesis pytest-benchmark 2>&1 | tail -3;
+        rich pytest hypothesis pytest-benchmark 2>&1 | tail -3;
         python -c "import torch, transformers, pandas, pyarrow; print(torch.__version__, torch.version.cuda, \
         transformers.__version__, pandas.__version__, pyarrow.__version__, torch.cuda.get_device_name())";
         nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv' ;;
     exact) stage exact 180 python scripts/gpu_exactness.py ;;
-    bench2b) stage bench2b 330 python -m harness.bench --preset 2b --device cuda --dtype bf16 --compare transformers \
-               --rounds 3 --results-dir "$RES" ;;
-    bench8b) stage bench8b 480 python -m harness.bench --preset 8b --device cuda --dtype bf16 --compare transformers \
-               --rounds 3 --results-dir "$RES" ;;
+    bench2b) stage bench2b 400 python -m harness.bench --preset 2b --device cuda --dtype bf16 --compare transformers \
+               --rounds 2 --results-dir "$RES" --plan reference \
+               --plan attention=eager,kv_cache=static,execution=cuda_graph \
+               --plan attention=sdpa,kv_cache=static,execution=cuda_graph \
+               --plan attention=eager,kv_cache=static,execution=compile \
+               --plan attention=sdpa,kv_cache=static,execution=compile ;;
+    bench8b) stage bench8b 360 python -m harness.bench --preset 8b --device cuda --dtype bf16 --compare transformers \
+               --transformers-paths static --rounds 2 --new-tokens 64 --results-dir "$RES" --plan attention=sdpa \
+               --plan attention=sdpa,kv_cache=static,execution=cuda_graph \
+               --plan attention=eager,kv_cache=static,execution=compile ;;
     attention) stage attention 300 python -m harness.bench_attention --preset 2b --device cuda --dtype bf16 \
                  --results-dir "$RES" ;;
     memory) stage memory 420 python -m suites.bench_memory_quant --device cuda --dtype fp16 --parts offload,decode,kv \

@@ -118,6 +118,10 @@ class SdpaAttention:
         mask_kind = "none" if attn_mask is None else ("batch" if attn_mask.shape[0] > 1 else "shared")
         key = (q.device.type, q.dtype, q.shape[-1], kind, mask_kind, is_causal, grouped)
         choice = self.chosen.get(key)
+        if choice is not None and torch.compiler.is_compiling():
+            # Inside torch.compile: the kernel chosen eagerly for this call class, and no Python
+            # bookkeeping (a counter read in the trace would be guarded on, recompiling every call).
+            return self._call(*choice, q, k, v, attn_mask, is_causal, scale)
         if choice is not None:
             try:
                 out = self._call(*choice, q, k, v, attn_mask, is_causal, scale)
@@ -159,7 +163,10 @@ class SdpaAttention:
         # it is unmasked for the kernel (an all-masked row gives NaN in some backends) and replaced.
         empty = empty_rows(allowed)
         out = self.run(kind, q, k, v, allowed | empty, False, scale)
-        if bool(empty.any()):
+        # For one query the replacement is applied unconditionally (cheap: one pass over V) rather
+        # than after checking on the host: a decode step must not read anything back, or it could
+        # not be captured in a CUDA graph.
+        if lq == 1 or bool(empty.any()):
             out = torch.where(empty, mean_value_rows(v, q.shape[1] // k.shape[1]).to(out.dtype), out)
         return out
 

@@ -22,6 +22,16 @@ def _triton_reason(target: Target) -> str | None:
 class CompiledExecution(CudaGraphExecution):
     name = "compile"
 
+    def __init__(self, model, target: Target, fuse: bool = True, bucket: int = 256) -> None:
+        import torch._dynamo
+
+        # Where an option's code breaks the traced graph inside a layer, each layer's frame is
+        # specialised on its index; allow one variant per layer (and a few more) before dynamo
+        # gives up on compiling a frame.
+        layers = model.config.text.num_hidden_layers
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * layers + 8)
+        super().__init__(model, target, fuse, bucket, compile_step=True)
+
 
 OPTION = Optimization(
     name="compile",
@@ -31,8 +41,7 @@ OPTION = Optimization(
         "Decode step compiled by torch.compile (Inductor/Triton fuses each layer's elementwise work) and "
         "replayed as a CUDA graph, with fused projections; needs Triton, so sm_70+."
     ),
-    build=lambda model, target, fuse=True, bucket=256: CompiledExecution(model, target, fuse, bucket,
-                                                                        compile_step=True),
+    build=lambda model, target, fuse=True, bucket=256: CompiledExecution(model, target, fuse, bucket),
     requires=Requirements(devices=("cuda",), min_compute_capability=(7, 0)),
     probe=_triton_reason,
     needs=NEEDS,

@@ -15,10 +15,11 @@ With ``compile=True`` (the ``compile`` option) the step is first compiled by tor
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
-from qwen3_vl.generate import DecodeRequest
+from qwen3_vl.generate import DecodeRequest, decode_loop
 from qwen3_vl.optim.execution.fusion import fuse_projections
 from qwen3_vl.optim.kv_cache.common import KVShape
 from qwen3_vl.optim.kv_cache.static import StaticCache
@@ -86,9 +87,14 @@ class CapturedStep:
         if not capture:
             return
         observers, model.step_observers = model.step_observers, []  # warm-up logits are not real steps
+        saved = (cache.position.clone(), cache.valid.clone(), self.position.clone())
+        if compile_step:  # one eager step first: options pick their kernels outside the trace
+            step()
+            cache.position.copy_(saved[0])
+            cache.valid.copy_(saved[1])
+            self.position.copy_(saved[2])
         # Warm up on a side stream (compiles, picks kernels), then restore the cache state the
         # warm-up advanced, then capture.
-        saved = (cache.position.clone(), cache.valid.clone(), self.position.clone())
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
@@ -131,6 +137,7 @@ class CudaGraphExecution:
         self.cache: GraphStaticCache | None = None
         self.captured: CapturedStep | None = None
         self.captures = 0
+        self.capture_error = ""  # why capture failed, when it did (decoding then runs eagerly)
 
     def new_cache(self, model, batch: int, max_tokens: int) -> GraphStaticCache:
         tokens = math.ceil(max_tokens / self.bucket) * self.bucket
@@ -149,9 +156,18 @@ class CudaGraphExecution:
         eos_ids = torch.tensor(request.eos, device=self.device, dtype=torch.long)
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         out = torch.empty(batch, request.max_new_tokens, dtype=torch.long, device=self.device)
+        if self.capture_error:
+            return decode_loop(model, request)
         cache.enter_graph_mode()
         if self.captured is None:
-            self.captured = CapturedStep(model, cache, self.compile_step, self.capture)
+            try:
+                self.captured = CapturedStep(model, cache, self.compile_step, self.capture)
+            except Exception as exc:  # recorded and visible in describe(); this model decodes eagerly
+                self.capture_error = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+                cache.graph_mode = False
+                warnings.warn(f"{self.name}: capturing the decode step failed, decoding eagerly: "
+                              f"{self.capture_error}", RuntimeWarning, stacklevel=2)
+                return decode_loop(model, request)
             self.captures += 1
         step = self.captured
         step.position.copy_(request.next_position)
@@ -182,7 +198,7 @@ class CudaGraphExecution:
 
     def describe(self) -> dict:
         return {"option": self.name, "fused_layers": self.fused_layers, "captures": self.captures,
-                "bucket": self.bucket, "compiled": self.compile_step}
+                "bucket": self.bucket, "compiled": self.compile_step, "capture_error": self.capture_error}
 
 
 def _no_cuda_reason(target: Target) -> str | None:
