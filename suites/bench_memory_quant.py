@@ -32,6 +32,7 @@ import argparse
 import gc
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -246,7 +247,7 @@ def rss_part(args) -> list[dict]:
 
 
 @torch.inference_mode()
-def run_plan_on_gpu(preset: str, dtype: str, plan: str, budget: int | None, ids: torch.Tensor, new_tokens: int,
+def run_plan_on_gpu(source: str, dtype: str, plan: str, budget: int | None, ids: torch.Tensor, new_tokens: int,
                     device: str = "cuda", forced: list[int] | None = None):
     """Build + prefill + decode under an optional hard cap; returns logits, timing, peaks. Greedy,
     or fed the ``forced`` tokens (the reference's), so every plan's logits have the same context.
@@ -264,7 +265,7 @@ def run_plan_on_gpu(preset: str, dtype: str, plan: str, budget: int | None, ids:
             torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), index)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     try:
-        model = qwen3_vl.from_pretrained(preset, plan=plan, device=device, dtype=dtype, seed=0)
+        model = qwen3_vl.from_pretrained(source, plan=plan, device=device, dtype=dtype, seed=0)
         cache = model.new_cache(1, ids.shape[1] + new_tokens + 1)
         pos, _ = mrope_positions(ids, model.config)
         emb = model.language_model.embed_tokens(ids.to(model.device)).to(model.compute_dtype)
@@ -306,6 +307,13 @@ def offload_part(args) -> list[dict]:
     rows = []
     small = "context=1024;prefill=512"
     for preset in args.offload_presets.split(","):
+        # The preset's seeded weights are saved once in the run's dtype; every row loads them (memory-mapped,
+        # fast) instead of drawing them again, and offload_disk streams from this very file.
+        folder = tempfile.mkdtemp(prefix=f"qwen3vl-{preset}-")
+        t = time.perf_counter()
+        qwen3_vl.save_pretrained(qwen3_vl.from_pretrained(preset, dtype=args.dtype, seed=0), folder)
+        gc.collect()
+        print(f"  {preset}: seeded {args.dtype} checkpoint written in {time.perf_counter() - t:.0f} s")
         plans = [("reference", None), ("memory=offload_cpu", None),
                  (f"memory=offload_cpu[budget=2GiB;{small}]", 2 * GiB),
                  (f"memory=offload_cpu[budget=4GiB;{small}]", 4 * GiB), ("memory=offload_disk", None),
@@ -316,7 +324,7 @@ def offload_part(args) -> list[dict]:
         if args.offload_base:  # e.g. attention=sdpa for every row: the ViT's eager scores alone need GiBs
             plans = [(args.offload_base if p == "reference" else f"{args.offload_base},{p}", b) for p, b in plans]
         for plan, budget in plans:
-            logits, row = run_plan_on_gpu(preset, args.dtype, plan, budget, ids, args.offload_tokens, args.device,
+            logits, row = run_plan_on_gpu(folder, args.dtype, plan, budget, ids, args.offload_tokens, args.device,
                                           forced)
             row["preset"] = preset
             if logits is not None:
@@ -334,6 +342,7 @@ def offload_part(args) -> list[dict]:
                                      f"bitwise={row['bitwise_equal_to_resident']}, rel {row['logits_rel']:.1e}, "
                                      f"KL {row['kl']:.1e}, top-1 {row['top1_agreement']:.2f}")
             print(f"  {preset:4} {plan:62} {state}")
+        shutil.rmtree(folder, ignore_errors=True)
     return rows
 
 
