@@ -25,10 +25,6 @@ class RowSpec:
     grid: tuple[int, int] | None = None
     text_after: int = 0
 
-    def length(self, merge: int) -> int:
-        image = 0 if self.grid is None else 2 + self.grid[0] * self.grid[1] // merge**2
-        return self.text_before + image + self.text_after
-
 
 @dataclass(frozen=True)
 class PromptSpec:
