@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Callable
@@ -100,11 +101,14 @@ def torch_bus_id(index: int) -> str | None:
 
 
 def nvml_handle(nvml: Any, index: int) -> Any:
-    """NVML's handle for torch's device ``index`` (by PCI bus id; by index only when torch has no bus id)."""
+    """NVML's handle for torch's device ``index``, matched by PCI bus id. Without a bus id from torch only
+    a machine with exactly one GPU can be matched safely (NVML and CUDA may order GPUs differently)."""
     bus = torch_bus_id(index)
     if bus is not None:
         return nvml.nvmlDeviceGetHandleByPciBusId(bus)
-    return nvml.nvmlDeviceGetHandleByIndex(index)
+    if nvml.nvmlDeviceGetCount() == 1 and torch.cuda.device_count() == 1:
+        return nvml.nvmlDeviceGetHandleByIndex(0)
+    raise ValueError("torch reports no PCI bus id and there are several GPUs: cannot match NVML's device")
 
 
 def _nvml() -> Any | None:
@@ -155,6 +159,9 @@ def peak(fn: Callable[[], Any], device: str | torch.device = "cpu") -> tuple[Any
     finally:
         for _, s in samplers:
             s.__exit__(None, None, None)
+    if nvml is not None:
+        with contextlib.suppress(Exception):
+            nvml.nvmlShutdown()  # balances the nvmlInit of _nvml()
     peaks = {name: s.peak for name, s in samplers}
     rss_peak = _vm_hwm() if exact_rss else peaks["rss"]
     out = [
