@@ -102,6 +102,33 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _options(args: argparse.Namespace) -> int:
+    """Every registered option: axis, exact or its error budget, requirements, fallback."""
+    from qwen3_vl.optim import AXES, options
+
+    rows = []
+    for axis in AXES:
+        for opt in options(axis):
+            req = opt.requires
+            needs = [f"devices {'/'.join(req.devices)}"] if set(req.devices) != {"cpu", "cuda"} else []
+            if req.min_compute_capability:
+                needs.append("sm" + "".join(map(str, req.min_compute_capability)) + "+")
+            needs += [f"package {p}" for p in req.packages] + [f"with {n}" for n in opt.needs]
+            budget = "exact" if opt.exact else ", ".join(f"{k}<={v:g}" if k != "top1_agreement" else f"{k}>={v:g}"
+                                                         for k, v in opt.error_budget.items())
+            rows.append((axis, opt.name + (" (reference)" if opt.reference else ""), budget,
+                         "; ".join(needs) or "-", opt.fallback or "-", opt.summary))
+    if args.markdown:
+        print("| axis | option | exact / error budget | requires | falls back to | what it does |")
+        print("|---|---|---|---|---|---|")
+        for row in rows:
+            print("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |")
+    else:
+        for axis, name, budget, needs, fallback, _summary in rows:
+            print(f"{axis:10} {name:26} {budget:40} needs: {needs}; fallback: {fallback}")
+    return 0
+
+
 def _hardware(args: argparse.Namespace) -> int:
     from qwen3_vl.hardware.auto import choose
     from qwen3_vl.hardware.detect import detect_machine
@@ -170,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     isrc.add_argument("--preset")
     isrc.add_argument("--model")
     info.set_defaults(func=_info)
+
+    opts = sub.add_parser("options", help="every registered optimization with its exactness and requirements")
+    opts.add_argument("--markdown", action="store_true", help="a Markdown table (as in the README)")
+    opts.set_defaults(func=_options)
 
     hw = sub.add_parser("hardware", help="the detected machine, its hardware profile and the auto plan")
     hw.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto")
