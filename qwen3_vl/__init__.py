@@ -97,7 +97,7 @@ def from_pretrained(
     name = str(path_or_preset)
     if name in PRESETS:
         return build(preset(name), None, dtype=dtype, device=device, plan=plan, seed=seed, emulate=emulate)
-    path = Path(name)
+    path = Path(name).expanduser()
     if not path.exists():
         raise CheckpointError(
             f"'{name}' is neither a checkpoint directory nor a preset; presets are: {', '.join(PRESETS)}"

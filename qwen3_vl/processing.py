@@ -547,7 +547,7 @@ class Processor:
         """A checkpoint directory (its tokenizer.json, preprocessor configs and config.json), or a preset
         name (the byte-level fallback tokenizer, NOT Qwen's vocabulary). ``overrides``: ProcessorConfig fields."""
         name = str(path_or_preset)
-        path = Path(name)
+        path = Path(name).expanduser()
         if not path.is_dir() and name not in PRESETS:
             raise ConfigError(
                 f"'{name}' is neither a checkpoint directory nor a preset; presets are: {', '.join(PRESETS)}"
