@@ -654,42 +654,50 @@ def measure(groups: dict[tuple[str, str, str], dict[str, set[str]]], results_dir
     return run_files(results_dir, run_id)
 
 
+def machine_id() -> str:
+    """This machine's fingerprint id as a fresh ``python -m harness`` process sees it (the process that
+    measures: torch's thread count, part of the fingerprint, can differ inside a test runner)."""
+    proc = subprocess.run([sys.executable, "-m", "harness", "fingerprint", "--id-only"], capture_output=True,
+                          text=True, check=False, timeout=300)
+    if proc.returncode:
+        raise GateError(f"cannot fingerprint this machine: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+    return proc.stdout.strip()
+
+
 def confirm(result: GateResult, baseline: pd.DataFrame, config: GateConfig, noise_floors: dict,
             workdir: Path) -> None:
     """Re-measure every regressed latency/memory case on this checkout; a regression stands only when
-    the fresh measurement regresses too (the cross-cutting lesson: confirm before alerting)."""
-    from harness import fingerprint
-
+    the fresh measurement regresses too (the cross-cutting lesson: confirm before alerting). One that
+    cannot be re-measured here (another machine's result) stands, with a note saying so."""
     suspects = [c for c in result.regressions if c.kind in ("ratio", "time", "memory")]
     if not suspects:
         return
-    here = fingerprint.collect()["id"]
+    here = machine_id()
     groups: dict[tuple[str, str, str], dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
     for c in suspects:
-        if c.fingerprint_id != here:
-            c.note += "; not confirmed: measured on another machine"
-            continue
-        groups[(c.preset, c.device, c.dtype)][_part(c.repro, c.suite)].add(c.plan_id)
-    if not groups:
-        return
-    run_id = results.new_run_id() + "-confirm"
-    files = measure(groups, workdir / "confirm", run_id)
-    fresh = compare(baseline, _load(files, "confirmation run"), config, noise_floors)
-    again = {(c.fingerprint_id, c.preset, c.device, c.dtype, plan_key(c.plan_id), c.suite, c.case, c.metric): c
-             for c in fresh.comparisons}
+        if c.fingerprint_id == here:
+            groups[(c.preset, c.device, c.dtype)][_part(c.repro, c.suite)].add(c.plan_id)
+    fresh: dict[tuple, Comparison] = {}
+    if groups:
+        run_id = results.new_run_id() + "-confirm"
+        files = measure(groups, workdir / "confirm", run_id)
+        again = compare(baseline, _load(files, "confirmation run"), config, noise_floors)
+        fresh = {(c.fingerprint_id, c.preset, c.device, c.dtype, plan_key(c.plan_id), c.suite, c.case, c.metric): c
+                 for c in again.comparisons}
+        result.notes.append(f"confirmation run {run_id} re-measured {len(suspects)} suspect case(s)")
     for c in suspects:
-        if c.fingerprint_id != here:
-            continue
-        twin = again.get((c.fingerprint_id, c.preset, c.device, c.dtype, plan_key(c.plan_id), c.suite, c.case,
+        twin = fresh.get((c.fingerprint_id, c.preset, c.device, c.dtype, plan_key(c.plan_id), c.suite, c.case,
                           c.metric))
-        c.confirmed = twin is not None and twin.verdict == "regressed"
+        if twin is None:
+            c.note += (f"; could not be confirmed here (this machine is {here}, the result is from "
+                       f"{c.fingerprint_id})" if c.fingerprint_id != here else "; the confirmation run lacks it")
+            continue
+        c.confirmed = twin.verdict == "regressed"
         if c.confirmed:
             c.note += f"; confirmed by a fresh run ({_pct(twin.change)})"
         else:
-            seen = "not re-measured" if twin is None else f"{twin.verdict}, {_pct(twin.change)}"
             c.verdict = "noisy"
-            c.note += f"; not confirmed by a fresh run ({seen})"
-    result.notes.append(f"confirmation run {run_id} re-measured {len(suspects)} suspect case(s)")
+            c.note += f"; not confirmed by a fresh run ({twin.verdict}, {_pct(twin.change)})"
     result.attributions = attribute(result.comparisons)
 
 
@@ -857,9 +865,7 @@ class Options:
 
 
 def _measure_candidate(baseline: pd.DataFrame, results_dir: Path) -> tuple[str, pd.DataFrame]:
-    from harness import fingerprint
-
-    here = fingerprint.collect()["id"]
+    here = machine_id()
     mine = latest(baseline[baseline["fingerprint_id"] == here])
     mine = mine[(mine["plan_id"] != "") & mine["suite"].isin(["latency", "memory", "accuracy", "vision"])]
     if mine.empty:
