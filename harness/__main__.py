@@ -13,7 +13,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from harness.validate import EXIT_ERROR, EXIT_FAILED, EXIT_OK, HarnessError
+from harness.errors import EXIT_ERROR, EXIT_FAILED, EXIT_OK, HarnessError
 
 
 def _fingerprint(args: argparse.Namespace) -> int:

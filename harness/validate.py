@@ -30,6 +30,7 @@ from rich.text import Text
 import qwen3_vl
 from harness import fingerprint as fingerprint_mod
 from harness import golden, imports, matrix, memory, numerics, results, suite, timing
+from harness.errors import EXIT_ERROR, EXIT_FAILED, EXIT_OK, HarnessError  # noqa: F401  (re-exported)
 from harness.results import Measurement, RunInfo
 from harness.settings import Settings
 from harness.workload import benchmark_spec, build_prompt
@@ -39,12 +40,7 @@ from qwen3_vl.config import preset as preset_config
 from qwen3_vl.hardware.device import dtype_name, target_for
 from qwen3_vl.optim import AXES, Plan, PlanError, reference_plan
 
-EXIT_OK, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
 BUILTIN_PARTS = ("imports", "numerics")
-
-
-class HarnessError(Exception):
-    """The harness cannot run as asked (bad input, missing device, unwritable store): one line, exit 2."""
 
 
 @dataclass

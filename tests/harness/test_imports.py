@@ -54,6 +54,25 @@ def test_cli_exits_1_and_names_the_file(broken_copy):
     assert "ok   qwen3_vl.config: ok" in proc.stdout  # the others were still checked
 
 
+def test_the_broken_copys_own_cli_still_reports(tmp_path):
+    """The CLI of a broken tree itself (not this checkout's) must start and name the file, even when
+    the broken module is one that every part of the model imports (the plan module)."""
+    import os
+
+    for package in imports.PACKAGES:
+        shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    target = tmp_path / "qwen3_vl" / "optim" / "plan.py"
+    lines = [*target.read_text().splitlines(), "value = (1 +", "    2", "def broken(:"]
+    target.write_text("\n".join(lines) + "\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "harness", "imports", "--root", str(tmp_path),
+                           "qwen3_vl.optim.plan", "qwen3_vl.config", "harness.results"],
+                          capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert proc.returncode == 1, proc.stderr
+    assert f"qwen3_vl/optim/plan.py:{len(lines)}" in proc.stdout
+    assert "ok   harness.results: ok" in proc.stdout  # the other modules are still checked
+
+
 def test_discovery_lists_modules_of_a_broken_package(broken_copy):
     found = imports.discover(broken_copy)
     assert "qwen3_vl.optim.rope.standard" in found and "harness.planted_error" in found
