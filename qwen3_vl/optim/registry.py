@@ -70,6 +70,7 @@ _MODULES: tuple[str, ...] = (
     "execution.eager",
     "execution.cuda_graph",
     "execution.compile",
+    "execution.cpu_packed",
 )
 
 _OPTIONS: dict[tuple[str, str], Optimization] | None = None
