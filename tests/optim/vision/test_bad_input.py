@@ -83,7 +83,8 @@ def test_bad_pruning_parameters(plan, message):
 
 
 def test_fastv_refuses_caches_that_cannot_hold_ragged_layers():
-    with pytest.raises(PlanError, match="kv_cache=static cannot hold"):
+    # declared (Optimization.needs), so the plan is refused before anything is built
+    with pytest.raises(PlanError, match=r"vision=prune_fastv needs kv_cache=dynamic \(plan has kv_cache=static\)"):
         build("vision=prune_fastv,kv_cache=static")
 
 
