@@ -140,9 +140,13 @@ def rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
 
 
 class LeanDecoderLayer(DecoderLayer):
-    """``DecoderLayer`` with the same arithmetic in fewer operations (see the module docstring)."""
+    """``DecoderLayer`` with the same arithmetic in fewer operations (see the module docstring).
+
+    Calls without a cache and caches that watch the queries (H2O) take the reference layer."""
 
     def forward(self, x, cos, sin, mask, cache, attention) -> torch.Tensor:
+        if cache is None or getattr(cache, "observes_queries", False):
+            return super().forward(x, cos, sin, mask, cache, attention)
         attn = self.self_attn
         b, n, _ = x.shape
         q, k, v = attn.project(rms_norm(x, self.input_layernorm))
@@ -151,19 +155,9 @@ class LeanDecoderLayer(DecoderLayer):
         v = v.view(b, n, -1, attn.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         k, v, key_valid = cache.update(attn.layer_idx, k, v)
-        mask = AttentionMask(key_valid, mask.causal)
-        out = attention.text(q, k, v, mask, attn.head_dim**-0.5)
+        out = attention.text(q, k, v, AttentionMask(key_valid, mask.causal), attn.head_dim**-0.5)
         h = x + attn.o_proj(out.transpose(1, 2).reshape(b, n, -1))
         return h + self.mlp(rms_norm(h, self.post_attention_layernorm))
-
-
-class _ReferenceLayerWhenNeeded(LeanDecoderLayer):
-    """Caches that watch the queries (H2O) or calls without a cache take the reference layer."""
-
-    def forward(self, x, cos, sin, mask, cache, attention) -> torch.Tensor:
-        if cache is None or getattr(cache, "observes_queries", False):
-            return DecoderLayer.forward(self, x, cos, sin, mask, cache, attention)
-        return LeanDecoderLayer.forward(self, x, cos, sin, mask, cache, attention)
 
 
 class CpuPackedExecution:
@@ -200,7 +194,7 @@ class CpuPackedExecution:
         if lean:
             for layer in model.language_model.layers:
                 if type(layer) is DecoderLayer:
-                    layer.__class__ = _ReferenceLayerWhenNeeded
+                    layer.__class__ = LeanDecoderLayer
                     self.lean_layers += 1
 
     @contextlib.contextmanager

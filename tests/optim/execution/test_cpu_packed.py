@@ -1,0 +1,125 @@
+"""execution=cpu_packed: exact on the CPU (greedy tokens identical to the reference, logits within
+the fp32 bound), for every kernel that runs here, with images, padding and quantized or H2O plans."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qwen3_vl
+from qwen3_vl.optim.execution.cpu_packed import LeanDecoderLayer, PackedLinear, available_kernels
+from qwen3_vl.optim.plan import Plan, Target, conflicts_of, resolve
+
+from ...model.prompts import image_prompt, left_pad, relative_error
+
+BASE = "attention=sdpa,kv_cache=static"
+FP32_KERNELS = available_kernels(torch.float32)
+
+
+def batch_prompt(config):
+    a, pa, ga = image_prompt(config, [(1, 4, 8)], seed=31)
+    b, pb, gb = image_prompt(config, [(1, 6, 4)], seed=32)
+    ids, mask = left_pad(config, [a[0], b[0][:-2]])
+    return ids, dict(attention_mask=mask, pixel_values=torch.cat([pa, pb]), image_grid_thw=torch.cat([ga, gb]))
+
+
+def generate(model, ids, inputs, n=24):
+    return model.generate(ids, **inputs, max_new_tokens=n, eos_token_id=[])
+
+
+@pytest.fixture(scope="module")
+def prompt(ours_tiny):
+    return batch_prompt(ours_tiny.config)
+
+
+@pytest.mark.parametrize("kernel", FP32_KERNELS)
+def test_fp32_kernels_give_the_reference_tokens_and_logits(tiny_checkpoint, ours_tiny, prompt, kernel):
+    ids, inputs = prompt
+    model = qwen3_vl.from_pretrained(tiny_checkpoint, plan=f"{BASE},execution=cpu_packed[kernel={kernel}]")
+    assert torch.equal(generate(model, ids, inputs), generate(ours_tiny, ids, inputs))
+    assert torch.equal(generate(model, ids, inputs), generate(ours_tiny, ids, inputs))  # a second call too
+    assert relative_error(model(ids, **inputs), ours_tiny(ids, **inputs)) <= 1e-5
+    info = model.execution.describe()
+    layers = ours_tiny.config.text.num_hidden_layers
+    assert info["kernel"] == kernel and info["fused_layers"] == info["lean_layers"] == layers
+    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    # q/k/v, o, gate/up and down per layer plus the output matrix; the vision tower untouched
+    assert len(packed) == (0 if kernel == "none" else 4 * layers + 1) == info["packed_layers"]
+    assert not any(isinstance(m, PackedLinear) for m in model.visual.modules())
+    assert all(isinstance(layer, LeanDecoderLayer) for layer in model.language_model.layers)
+
+
+def test_fp16_storage_is_exact_against_the_fp16_reference(tiny_checkpoint, prompt):
+    ids, inputs = prompt
+    ref = qwen3_vl.from_pretrained(tiny_checkpoint, dtype="fp16")
+    model = qwen3_vl.from_pretrained(tiny_checkpoint, dtype="fp16", plan=f"{BASE},execution=cpu_packed")
+    assert model.execution.describe()["kernel"] == "fp16_chunks"
+    assert model.lm_head.weight.dtype == torch.float16  # still 2 bytes a weight in memory
+    assert torch.equal(generate(model, ids, inputs), generate(ref, ids, inputs))
+    assert relative_error(model(ids, **inputs), ref(ids, **inputs)) <= 1e-5
+
+
+def test_bf16_within_the_bf16_rule(tiny_checkpoint, ours_tiny, prompt):
+    """The harness's rule for exact plans in bf16: error against fp32 at most twice the reference's own."""
+    if "mkldnn" not in available_kernels(torch.bfloat16):
+        pytest.skip("no oneDNN bf16 linear in this build")
+    ids, inputs = prompt
+    ref = qwen3_vl.from_pretrained(tiny_checkpoint, dtype="bf16")
+    model = qwen3_vl.from_pretrained(tiny_checkpoint, dtype="bf16", plan=f"{BASE},execution=cpu_packed")
+    assert model.execution.describe()["kernel"] == "mkldnn"
+    fp32 = ours_tiny(ids, **inputs)
+    assert relative_error(model(ids, **inputs), fp32) <= 2 * relative_error(ref(ids, **inputs), fp32)
+
+
+@pytest.mark.parametrize("kernel", [k for k in FP32_KERNELS if k != "none"])
+def test_a_wrong_packed_weight_is_caught(tiny_checkpoint, ours_tiny, kernel):
+    """Planted fault: the packed output matrix scaled by 1.001; a one-row decode step reads the
+    packed copy, so its logits leave the exact bound."""
+    model = qwen3_vl.from_pretrained(tiny_checkpoint, plan=f"{BASE},execution=cpu_packed[kernel={kernel}]")
+
+    def one_step(m):
+        token, position = torch.tensor([[5]]), torch.zeros(3, 1, 1, dtype=torch.long)
+        return m.step(m.language_model.embed_tokens(token), position, None, m.new_cache(1, 4))
+
+    assert relative_error(one_step(model), one_step(ours_tiny)) <= 1e-5
+    model.lm_head.packed.mul_(1.001) if kernel == "mkl" else model.lm_head.packed.copy_(
+        (model.lm_head.packed.to_dense() * 1.001).to_mkldnn())
+    assert relative_error(one_step(model), one_step(ours_tiny)) > 1e-5
+
+
+@pytest.mark.parametrize("other", ["quant=int8_weight", "kv_cache=h2o"])
+def test_options_it_leaves_alone_keep_their_results(tiny_checkpoint, prompt, other):
+    """Quantized layers keep their kernels (nothing to pack); H2O watches the queries, so its
+    layers run the reference code. Either way: the same tokens as the plan without cpu_packed."""
+    ids, inputs = prompt
+    plan = f"attention=sdpa,{other}"
+    ref = qwen3_vl.from_pretrained(tiny_checkpoint, plan=plan)
+    model = qwen3_vl.from_pretrained(tiny_checkpoint, plan=f"{plan},execution=cpu_packed")
+    assert torch.equal(generate(model, ids, inputs, 12), generate(ref, ids, inputs, 12))
+
+
+def test_threads_apply_during_decode_and_are_restored(tiny_checkpoint, prompt, monkeypatch):
+    ids, inputs = prompt
+    before = torch.get_num_threads()
+    model = qwen3_vl.from_pretrained(tiny_checkpoint, plan=f"{BASE},execution=cpu_packed[threads=1]")
+    seen = []
+    original = model.step
+    monkeypatch.setattr(model, "step", lambda *a, **k: (seen.append(torch.get_num_threads()), original(*a, **k))[1])
+    generate(model, ids, inputs, 4)
+    assert seen[1:] == [1, 1, 1]  # decode steps (the first call is the prefill)
+    assert torch.get_num_threads() == before
+
+
+def test_unavailable_on_cuda_falls_back_with_the_reason():
+    used, fallbacks = resolve(Plan.parse(f"{BASE},execution=cpu_packed"), Target("cuda", compute_capability=(8, 0)))
+    assert used["execution"].name == "eager"
+    assert fallbacks and fallbacks[0].axis == "execution" and "cpu" in fallbacks[0].reason
+
+
+def test_bad_parameters_and_combinations_are_refused(tiny_checkpoint):
+    with pytest.raises(ValueError, match="fp16_chunks"):
+        qwen3_vl.from_pretrained(tiny_checkpoint, plan="execution=cpu_packed[kernel=fp16_chunks]")
+    with pytest.raises(ValueError, match="unknown"):
+        qwen3_vl.from_pretrained(tiny_checkpoint, plan="execution=cpu_packed[kernel=avx9]")
+    # packing replaces the weights a memory option would stream
+    assert "memory=resident" in conflicts_of(Plan.parse("memory=offload_disk,execution=cpu_packed"))[0]
