@@ -54,7 +54,7 @@ def build(
     emulate: str | Profile | None = None,
 ) -> Qwen3VL:
     """Build a model from a config and HF-keyed weights (seeded random weights when None)."""
-    hardware = choose_hardware(device, dtype, plan, emulate)
+    hardware = choose_hardware(device, dtype, plan, emulate, config=config)
     target = hardware.target
     plan = hardware.plan or _as_plan(plan)
     storage, compute = storage_and_compute(target.dtype)

@@ -3,7 +3,9 @@ model is built for, its hardware profile and, for ``plan="auto"``, the plan.
 
 - ``device="auto"``: the first CUDA GPU when there is one, else the CPU.
 - ``dtype="auto"``: the profile's dtype policy (Pascal: fp16 storage, fp32 compute).
-- ``plan="auto"``: ``profiles.auto_plan`` for the profile (skipped preferences recorded).
+- ``plan="auto"``: on CPU, the fastest exact plan stored for this machine's fingerprint when the
+  results store has one (``measured.py``); otherwise ``profiles.auto_plan`` for the profile
+  (skipped preferences recorded). ``HardwareChoice.plan_source`` says which path chose it, and why.
 - ``emulate="sm61-laptop"`` (or a ``Profile``): that profile instead of the detected one, with its
   constraints applied (see ``emulate.py``).
 """
@@ -17,6 +19,7 @@ import torch
 from qwen3_vl.hardware import emulate as emulation
 from qwen3_vl.hardware.detect import detect_machine
 from qwen3_vl.hardware.device import target_for
+from qwen3_vl.hardware.measured import measured_plan
 from qwen3_vl.hardware.profiles import Profile, auto_plan, get_profile, profile_for
 from qwen3_vl.optim.plan import Fallback, Plan, Target
 
@@ -29,6 +32,7 @@ class HardwareChoice:
     plan: Plan | None = None  # the chosen plan when plan="auto"
     skipped: list[Fallback] = field(default_factory=list)  # auto-plan preferences that could not run
     emulation: list[str] = field(default_factory=list)  # process-wide settings emulation changed
+    plan_source: str = ""  # plan="auto": "measured: ..." or "profile ...", with the reason
 
     def report(self) -> str:
         if self.profile is None:
@@ -38,6 +42,8 @@ class HardwareChoice:
             f"target:  {self.target.device} ({self.target.device_name}), dtype {self.target.dtype}",
         ]
         lines += [f"emulation: {line}" for line in self.emulation]
+        if self.plan_source:
+            lines.append(f"auto plan: {self.plan_source}")
         return "\n".join(lines)
 
 
@@ -46,6 +52,8 @@ def choose(
     dtype: torch.dtype | str = "fp32",
     plan: object = None,
     emulate: str | Profile | None = None,
+    results_dir=None,
+    config=None,
 ) -> HardwareChoice:
     if str(device) == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -65,5 +73,12 @@ def choose(
         choice.target = emulation.emulated_target(profile, target)
         choice.emulation = emulation.apply(profile, choice.target)
     if auto:
-        choice.plan, choice.skipped = auto_plan(profile, choice.target)
+        measured, why = None, "emulated hardware" if emulate is not None else "measured plans are read on CPU only"
+        if emulate is None and choice.target.device_type == "cpu":
+            measured, why = measured_plan(choice.target, choice.target.dtype, results_dir, config)
+        if measured is not None:
+            choice.plan, choice.plan_source = measured, why
+        else:
+            choice.plan, choice.skipped = auto_plan(profile, choice.target)
+            choice.plan_source = f"profile {profile.name} ({why})"
     return choice

@@ -11,6 +11,9 @@ weight quantization, token pruning) changes outputs and must be asked for by nam
 preferences follow ``python -m harness.bench_attention``: on CPU (2b shapes) sdpa was 3-11x faster
 than eager at 7-120x less peak memory and faster than every other option; flash_kv (flash-attn) is
 first where it can run (sm80+, bf16, package installed) and falls back to sdpa elsewhere.
+On CPU the execution preference is ``cpu_packed`` (prepacked GEMV weights: 1.7-2.1x eager's decode
+on mini, ``python -m harness.bench``); stored measurements for the machine, when there are some,
+take precedence over every profile preference (``qwen3_vl/hardware/measured.py``).
 Option names of axes other than attention and rope follow their issues; names not registered in
 this build are skipped with the reason recorded.
 """
@@ -88,7 +91,8 @@ PROFILES: dict[str, Profile] = {
         description="x86 CPU with AVX2+FMA, no AVX-512 (e.g. i5-10210U without its GPU)",
         device="cpu",
         dtype="fp32",
-        preferred={"attention": ("sdpa", "eager"), "rope": ("cached", "standard"), **_EXACT_REST},
+        preferred={"attention": ("sdpa", "eager"), "rope": ("cached", "standard"), **_EXACT_REST,
+                   "execution": ("cpu_packed", "eager")},
         sdpa_backends=("flash", "math"),  # on CPU "flash" is PyTorch's fused CPU kernel
         tiles={"block_q": 128, "block_k": 512, "block_k_decode": 2048},
         max_pixels=256 * TOKEN_PIXELS,
@@ -99,7 +103,8 @@ PROFILES: dict[str, Profile] = {
         description="x86 CPU with AVX-512 (server/desktop class)",
         device="cpu",
         dtype="fp32",
-        preferred={"attention": ("sdpa", "eager"), "rope": ("cached", "standard"), **_EXACT_REST},
+        preferred={"attention": ("sdpa", "eager"), "rope": ("cached", "standard"), **_EXACT_REST,
+                   "execution": ("cpu_packed", "eager")},
         sdpa_backends=("flash", "math"),
         tiles={"block_q": 128, "block_k": 512, "block_k_decode": 2048},
         max_pixels=512 * TOKEN_PIXELS,

@@ -95,7 +95,8 @@ def test_device_auto_takes_the_gpu_when_there_is_one():
 def test_plan_auto_builds_and_reports():
     model = qwen3_vl.from_pretrained("tiny", plan="auto", dtype="auto", device="cpu")
     assert model.hardware.profile is not None
-    assert model.plan["attention"].name == model.hardware.profile.preferred["attention"][0]
+    if model.hardware.plan_source.startswith("profile"):  # else: this machine's stored measurements chose
+        assert model.plan["attention"].name == model.hardware.profile.preferred["attention"][0]
     assert "profile:" in model.hardware.report()
     ids = torch.randint(0, 900, (1, 9), generator=torch.Generator().manual_seed(0))
     reference = qwen3_vl.from_pretrained("tiny")
