@@ -36,6 +36,7 @@ a mini fp32 decode step took 720 ms with 2 threads, 64 ms with 1).
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -58,10 +59,21 @@ def _has_mkldnn_linear() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+@functools.cache
+def _mkldnn_packs(storage: torch.dtype) -> bool:
+    """Whether oneDNN packs ``storage`` weights on this CPU: its bf16 path needs AVX-512 (BW/VL/DQ) or
+    AVX-NE-CONVERT, which AVX2 laptops such as the i5-10210U lack; tried, not inferred from flags."""
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.ones(16, 16, dtype=storage), 1)
+        return True
+    except RuntimeError:
+        return False
+
+
 def available_kernels(storage: torch.dtype) -> list[str]:
     """Kernels that run here for weights stored as ``storage``, fastest measured first."""
     found = []
-    if storage in (torch.float32, torch.bfloat16) and _has_mkldnn_linear():
+    if storage in (torch.float32, torch.bfloat16) and _has_mkldnn_linear() and _mkldnn_packs(storage):
         found.append("mkldnn")
     if storage == torch.float32 and _has_mkl_linear():
         found.append("mkl")
