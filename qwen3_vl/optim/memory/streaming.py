@@ -206,10 +206,16 @@ class LayerStreamer:
         if self.pool is None:
             self._copy(unit, slot)
         else:
-            slot.pending = self.pool.submit(self._copy, unit, slot)
+            slot.pending = self.pool.submit(self._copy_on_worker, unit, slot)
         self.bytes_copied += unit.nbytes
         self.copies += 1
         return slot
+
+    def _copy_on_worker(self, unit: Unit, slot: Slot) -> None:
+        # Inference mode is per thread: buffers made under the caller's inference mode can only be
+        # written inside it, and writing ordinary tensors inside it is allowed too.
+        with torch.inference_mode():
+            self._copy(unit, slot)
 
     def _copy(self, unit: Unit, slot: Slot) -> None:
         source = self.stager.fetch(unit) if self.stager is not None else unit.host

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -83,6 +84,31 @@ def test_a_wrong_slot_is_caught(monkeypatch):
                                           None) or real(unit))
     logits, _, _ = conversation(model, PROMPT, steps=4, turn2=0, steps2=0, tokens=reference()[1])
     assert not torch.equal(logits, reference()[0][:, :5])
+
+
+class HostStager:
+    """The staging interface ``offload_disk`` gives the streamer on a GPU, from host copies: loads then
+    run on the streamer's background thread, as they do there."""
+
+    def fetch(self, unit):
+        return unit.host
+
+    def release(self, source, stream) -> None:
+        pass
+
+
+def test_background_loads_under_inference_mode_are_exact():
+    """Found on an H200: a model built and run under ``torch.inference_mode()`` failed every background
+    load ("inplace update to inference tensor outside InferenceMode"), since the mode is per thread."""
+    with torch.inference_mode():
+        model = qwen3_vl.from_pretrained("tiny", seed=0)
+        model.memory = OffloadedWeights(model, model.target)
+        streamer = model.memory.streamer
+        streamer.stager = HostStager()
+        streamer.pool = ThreadPoolExecutor(1)
+        logits, _, _ = conversation(model, PROMPT, steps=4, turn2=0, steps2=0, tokens=reference()[1])
+    assert torch.equal(logits, reference()[0][:, :5])
+    assert streamer.copies > 2 * len(streamer.units)
 
 
 def test_offload_cpu_falls_back_to_resident_on_a_cpu_with_the_reason():
