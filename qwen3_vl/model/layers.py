@@ -11,16 +11,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+CAST_BLOCK_BYTES = 64 << 20  # most bytes of a weight cast to the compute dtype at once
+
 
 class Linear(nn.Linear):
-    """nn.Linear that computes in the input's dtype whatever the weight's storage dtype."""
+    """nn.Linear that computes in the input's dtype whatever the weight's storage dtype.
+
+    A weight stored narrower than the input is cast at use; one larger than ``CAST_BLOCK_BYTES`` once
+    cast is cast and multiplied a block of output rows at a time, so the transient copy stays small
+    (the fp32 copy of an 8b output matrix alone is 2.3 GiB: more than a 2 GiB card holds)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
-        b = self.bias
+        w, b = self.weight, self.bias
         if b is not None and b.dtype != x.dtype:
             b = b.to(x.dtype)
-        return F.linear(x, w, b)
+        if w.dtype == x.dtype:
+            return F.linear(x, w, b)
+        rows = max(1, CAST_BLOCK_BYTES // (w.shape[1] * x.element_size()))
+        if w.shape[0] <= rows:
+            return F.linear(x, w.to(x.dtype), b)
+        return torch.cat([F.linear(x, w[i : i + rows].to(x.dtype), None if b is None else b[i : i + rows])
+                          for i in range(0, w.shape[0], rows)], dim=-1)
 
 
 class LayerNorm(nn.LayerNorm):

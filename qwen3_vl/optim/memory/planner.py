@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from qwen3_vl.model.layers import CAST_BLOCK_BYTES, Linear
+
 GiB = 1 << 30
 MiB = 1 << 20
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -152,7 +154,12 @@ def workspace_estimate(model, prefill: int, image_patches: int, dtype_bytes: int
     vision = image_patches * (8 * v.hidden_size + 2 * v.intermediate_size) * dtype_bytes
     if eager and image_patches:
         vision += 2 * v.num_heads * image_patches * image_patches * 4
-    return max(text, vision) + t.vocab_size * 4 * 2
+    # fp16/bf16 storage with wider compute: weights are cast at use, a block of at most
+    # CAST_BLOCK_BYTES at a time (model/layers.py), plus the output matrix's blocks' logits
+    narrow = any(p.element_size() < dtype_bytes for p in model.lm_head.parameters())
+    cast = min(CAST_BLOCK_BYTES, max((m.weight.numel() for m in model.modules() if isinstance(m, Linear)), default=0)
+               * dtype_bytes) if narrow else 0
+    return max(text, vision) + t.vocab_size * 4 * 2 + cast
 
 
 def plan_memory(model, budget: int | None, *, context: int = 4096, prefill: int = 2048, image_patches: int = 4096,
