@@ -40,10 +40,16 @@ def _replaced_linears(model) -> dict[str, torch.nn.Module]:
             and not isinstance(m, torch.nn.Embedding)}
 
 
+def _where_it_lives(module, default: torch.device) -> torch.device:
+    """The device holding the module's weights: the model's, or the host for offloaded layers, which
+    hold their host copies between steps (found on an H200: offload_cpu/offload_disk + quantized)."""
+    return next((t.device for t in [*module.parameters(), *module.buffers()] if t.numel()), default)
+
+
 @torch.inference_mode()
 def effective_weight(module, device, dtype=torch.float32) -> torch.Tensor:
     """[out, in] as the module applies it: its outputs for the identity, minus its output for zero."""
-    eye = torch.eye(module.in_features, device=device, dtype=dtype)
+    eye = torch.eye(module.in_features, device=_where_it_lives(module, torch.device(device)), dtype=dtype)
     return (module(eye) - module(torch.zeros_like(eye[:1]))).float().T.cpu()
 
 

@@ -7,6 +7,7 @@ recorded from transformers.
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -177,3 +178,17 @@ def test_inputs_a_plan_declines_are_counted_not_failed(extra_options, models, ti
     support = dict(results)["contract_input_support"]
     assert support.status == "skipped" and support.value > 0 and "does not support batches" in support.error
     assert dict(results)["contract_causality"].status == "ok"  # single-row examples still ran every check
+
+
+def test_combined_budgets_keep_only_what_every_approximation_bounds():
+    from harness.numerics import plan_budget
+
+    exact, alone = plan_budget(Plan.parse("kv_cache=hierarchical_kv"))
+    assert not exact and alone["top1_agreement"] == 0.95
+    _, two = plan_budget(Plan.parse("kv_cache=hierarchical_kv,quant=int8_weight"))
+    assert two["top1_agreement"] == pytest.approx(0.95 - 0.1) and two["kl"] == pytest.approx(0.001 + 0.002)
+    # rope=interpolated bounds KL and logits, not top-1: the combination has no top-1 bound (found on an H200,
+    # where this plan's top-1 of 0.47 failed the hierarchical_kv bound alone)
+    _, mixed = plan_budget(Plan.parse("kv_cache=hierarchical_kv,rope=interpolated"))
+    assert "top1_agreement" not in mixed and mixed["kl"] == pytest.approx(0.001 + 0.35)
+    assert plan_budget(Plan.parse("attention=sdpa,kv_cache=static")) == (True, {})

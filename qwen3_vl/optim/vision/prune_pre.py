@@ -132,6 +132,8 @@ class PrunePre(FullVision):
         if prompt is None or prompt[0].shape[0] != n:
             raise RuntimeError("prune_pre: a step's visual tokens must be those of the last embedded prompt, whole")
         device = embeds.device
+        # position ids are built on the host; everything indexed with ``index`` must sit on its device
+        positions, visual_mask = positions.to(device), visual_mask.to(device)
         unit, score, units = prompt[0].to(device), prompt[1].to(device), prompt[2]
         features = embeds[visual_mask]
         keep = torch.zeros(n, dtype=torch.bool, device=device)
