@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Everything this project checks and times on a GPU, in stages, for the device tool:
-#   bash scripts/gpu_run.sh STAGE [STAGE ...]     (stages: setup exact bench2b bench8b attention memory
-#                                                  vision harness pascal)
+#   bash scripts/gpu_run.sh STAGE [STAGE ...]     (stages: setup exact bench2b bench8b attention
+#                                                  attention-pascal memory pascal vision harness)
 # Results go to a results store under $OUT (packed as one tarball, since few files come back),
 # logs to $OUT/log.txt. Carried wheels (in .gpu_wheels) fill in what the GPU image lacks.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-RES=/tmp/gpu-results
+RES=${RES:-/tmp/gpu-results}
 mkdir -p "$RES"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 LOG="$OUT/log.txt"
@@ -39,10 +39,17 @@ for s in "$@"; do
                --transformers-paths static --rounds 2 --new-tokens 64 --results-dir "$RES" --plan attention=sdpa \
                --plan attention=sdpa,kv_cache=static,execution=cuda_graph \
                --plan attention=eager,kv_cache=static,execution=compile ;;
-    attention) stage attention 300 python -m harness.bench_attention --preset 2b --device cuda --dtype bf16 \
+    attention) stage attention 170 python -m harness.bench_attention --preset 2b --device cuda --dtype bf16 \
                  --results-dir "$RES" ;;
     memory) stage memory 420 python -m suites.bench_memory_quant --device cuda --dtype fp16 --parts offload,decode,kv \
               --offload-presets 2b,8b --results-dir "$RES" ;;
+    pascal)  # a 2 GiB / 4 GiB Pascal card emulated on this GPU; one process (and one stored run) per preset
+      for pt in 2b:130 4b:180 8b:240; do p=${pt%:*}
+        stage "pascal-$p" "${pt#*:}" python -m suites.bench_memory_quant --device cuda --dtype fp16 --parts offload \
+          --emulate sm61-laptop --offload-presets "$p" --results-dir "$RES"
+      done ;;
+    attention-pascal) stage attention-pascal 150 python -m harness.bench_attention --preset 2b --device cuda \
+                        --dtype fp16 --emulate sm61-laptop --results-dir "$RES" ;;
     vision) stage vision 300 python -m pytest -q tests/optim/vision/test_devices.py ;;
     harness) stage harness 540 python -m harness.gpu_check --results-dir "$RES" ;;
     *) echo "unknown stage $s"; status=2 ;;

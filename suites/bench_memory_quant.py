@@ -16,12 +16,18 @@ Parts (``--parts``, comma-separated):
   ``offload_disk``, each in a fresh process.
 - ``offload`` (CUDA): for each preset, ``resident`` vs ``offload_cpu`` / ``offload_disk`` without
   and with the planner's budgets: logits bitwise equal to resident, peak allocated vs budget (the
-  budget is also enforced with ``set_per_process_memory_fraction``), tokens/s, bytes copied per
-  token; and the quantized plans' error and speed on the GPU.
+  budget is also enforced with ``set_per_process_memory_fraction``), this process's NVML peak (which
+  also holds the CUDA context, outside the allocator's reach), tokens/s, bytes copied per token; and
+  the quantized plans' error and speed on the GPU. With ``--emulate sm61-laptop`` every row but the
+  resident reference runs under that profile's rules (fp16 storage with fp32 compute, no TF32 or
+  bf16, only the efficient/math SDPA kernels) on an emulated card of the row's budget (the profile's
+  own memory for rows without one): a 2 GiB or 4 GiB Pascal card on a bigger GPU.
 
     python -m suites.bench_memory_quant --parts decode,kv,rss                  # CPU, mini
     python -m suites.bench_memory_quant --device cuda --dtype fp16 --parts offload,decode,kv \\
         --offload-presets 2b,8b
+    python -m suites.bench_memory_quant --device cuda --dtype fp16 --parts offload --emulate sm61-laptop \\
+        --offload-presets 2b,4b,8b
 
 Results go to the results store under this machine's fingerprint (suite ``memory_quant``).
 """
@@ -29,6 +35,8 @@ Results go to the results store under this machine's fingerprint (suite ``memory
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import gc
 import json
 import os
@@ -43,7 +51,9 @@ import torch
 
 import qwen3_vl
 from harness import fingerprint as fingerprint_mod
-from harness import results, timing
+from harness import memory, results, timing
+from qwen3_vl.hardware import emulate as emulation
+from qwen3_vl.hardware.profiles import Profile, get_profile
 from qwen3_vl.model.positions import mrope_positions
 from qwen3_vl.model.text import AttentionMask
 from qwen3_vl.optim import registry
@@ -248,14 +258,18 @@ def rss_part(args) -> list[dict]:
 
 @torch.inference_mode()
 def run_plan_on_gpu(source: str, dtype: str, plan: str, budget: int | None, ids: torch.Tensor, new_tokens: int,
-                    device: str = "cuda", forced: list[int] | None = None):
+                    device: str = "cuda", forced: list[int] | None = None, emulate: Profile | None = None):
     """Build + prefill + decode under an optional hard cap; returns logits, timing, peaks. Greedy,
     or fed the ``forced`` tokens (the reference's), so every plan's logits have the same context.
+    ``emulate``: run under that hardware profile, on a card of ``budget`` bytes when one is given.
 
     ``device="cpu"`` is a dry run of this code path (no caps, no device peaks; offload_cpu falls back).
     """
     cuda = device == "cuda"
     index = torch.cuda.current_device() if cuda else None
+    if emulate is not None and budget is not None:
+        emulate = dataclasses.replace(emulate, memory_bytes=budget)  # a card of exactly the budget's size
+    nvml = handle = context = None
     if cuda:
         total = torch.cuda.get_device_properties(index).total_memory
         gc.collect()
@@ -263,9 +277,16 @@ def run_plan_on_gpu(source: str, dtype: str, plan: str, budget: int | None, ids:
         torch.cuda.reset_peak_memory_stats(index)
         if budget is not None:
             torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), index)
+        nvml = memory._nvml()
+        if nvml is not None:
+            with contextlib.suppress(Exception):
+                handle = memory.nvml_handle(nvml, index)
+                context = memory.process_used_bytes(nvml, handle, os.getpid())  # CUDA context + cached blocks
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    try:
-        model = qwen3_vl.from_pretrained(source, plan=plan, device=device, dtype=dtype, seed=0)
+
+    def work():
+        model = qwen3_vl.from_pretrained(source, plan=plan, device=device, dtype=dtype, seed=0,
+                                         emulate=emulate if cuda else None)
         cache = model.new_cache(1, ids.shape[1] + new_tokens + 1)
         pos, _ = mrope_positions(ids, model.config)
         emb = model.language_model.embed_tokens(ids.to(model.device)).to(model.compute_dtype)
@@ -281,29 +302,44 @@ def run_plan_on_gpu(source: str, dtype: str, plan: str, budget: int | None, ids:
         seconds = time.perf_counter() - t
         info = model.memory.describe()
         row = {"plan": str(model.plan.short_id), "requested": plan, "budget": budget,
+               "emulated": model.target.emulated_profile or "",
                "peak_allocated": torch.cuda.max_memory_allocated(index) if cuda else 0,
                "peak_reserved": torch.cuda.max_memory_reserved(index) if cuda else 0,
                "ms_per_token": seconds / new_tokens * 1e3,
                "bytes_copied_per_token": info.get("bytes_copied", 0) / (new_tokens + 1),
                "resident_layers": info.get("resident_layers"), "streamed_layers": info.get("streamed_layers"),
-               "error": ""}
+               "fallbacks": [str(f) for f in model.fallbacks], "error": ""}
         if hasattr(model.memory, "report"):
             row["report"] = model.memory.report()
         del model, cache
         return torch.stack(out), row
+
+    sampler = memory._Sampler(lambda: memory.process_used_bytes(nvml, handle, os.getpid()), 0.002) \
+        if handle is not None else None
+    try:
+        with sampler or contextlib.nullcontext():
+            logits, row = work()
+        row["nvml_process_peak"] = sampler.peak if sampler is not None else None
+        row["nvml_before"] = context
+        return logits, row
     except Exception as exc:  # OOM or a budget error: reported, not fatal
         return None, {"plan": plan, "requested": plan, "budget": budget, "error": f"{type(exc).__name__}: {exc}"}
     finally:
         gc.collect()
+        if emulate is not None:
+            emulation.restore()
+        if nvml is not None:
+            with contextlib.suppress(Exception):
+                nvml.nvmlShutdown()
         if cuda:
             torch.cuda.set_per_process_memory_fraction(1.0, index)
             torch.cuda.empty_cache()
-
 
 def offload_part(args) -> list[dict]:
     if args.device != "cuda":
         print("\noffload: a dry run of the GPU check on this CPU (no device caps or peaks; offload_cpu falls back)")
     ids = torch.randint(0, 1000, (1, 64), generator=torch.Generator().manual_seed(0))
+    profile = get_profile(args.emulate) if args.emulate else None
     rows = []
     small = "context=1024;prefill=512"
     for preset in args.offload_presets.split(","):
@@ -318,14 +354,17 @@ def offload_part(args) -> list[dict]:
                  (f"memory=offload_cpu[budget=2GiB;{small}]", 2 * GiB),
                  (f"memory=offload_cpu[budget=4GiB;{small}]", 4 * GiB), ("memory=offload_disk", None),
                  (f"memory=offload_disk[budget=4GiB;{small}]", 4 * GiB),
-                 (f"quant=int8_weight,memory=offload_cpu[budget=2GiB;{small}]", 2 * GiB),
-                 ("quant=int8_weight", None), ("quant=int4_weight", None), ("kv_cache=static", None)]
+                 (f"quant=int8_weight,memory=offload_cpu[budget=2GiB;{small}]", 2 * GiB)]
+        if profile is None:
+            plans += [("quant=int8_weight", None), ("quant=int4_weight", None), ("kv_cache=static", None)]
         base = forced = None
         if args.offload_base:  # e.g. attention=sdpa for every row: the ViT's eager scores alone need GiBs
             plans = [(args.offload_base if p == "reference" else f"{args.offload_base},{p}", b) for p, b in plans]
         for plan, budget in plans:
+            # the resident reference runs on the whole card; every other row on the emulated one
+            emulate = profile if profile is not None and plan != plans[0][0] else None
             logits, row = run_plan_on_gpu(folder, args.dtype, plan, budget, ids, args.offload_tokens, args.device,
-                                          forced)
+                                          forced, emulate)
             row["preset"] = preset
             if logits is not None:
                 if base is None:
@@ -337,11 +376,13 @@ def offload_part(args) -> list[dict]:
             state = row["error"] or (f"peak {human(row['peak_allocated'])}"
                                      + (f" (budget {human(budget)}: {'ok' if row['within_budget'] else 'OVER'})"
                                         if budget else "")
+                                     + (f", NVML {human(row['nvml_process_peak'])}"
+                                        if row.get("nvml_process_peak") else "")
                                      + f", {row['ms_per_token']:.1f} ms/token, "
                                      f"{human(row['bytes_copied_per_token'])} copied/token, "
                                      f"bitwise={row['bitwise_equal_to_resident']}, rel {row['logits_rel']:.1e}, "
                                      f"KL {row['kl']:.1e}, top-1 {row['top1_agreement']:.2f}")
-            print(f"  {preset:4} {plan:62} {state}")
+            print(f"  {preset:4} {plan:62} {'[' + row['emulated'] + '] ' if row.get('emulated') else ''}{state}")
         shutil.rmtree(folder, ignore_errors=True)
     return rows
 
@@ -387,16 +428,24 @@ def store(args, decode_rows, kv_rows, rss_rows, offload_rows) -> str:
     for r in offload_rows:
         plan = Plan.parse(r["requested"])
         if r["error"]:
-            rows.append(results.make_row(run, args.device, SUITE, f"offload_{r['preset']}",
-                                         results.failed("peak_allocated", r["error"]), plan, {}, (), repro))
+            rows.append(results.make_row(dataclasses.replace(run, preset=r["preset"]), args.device, SUITE,
+                                         f"offload_{r['preset']}", results.failed("peak_allocated", r["error"]), plan,
+                                         {"budget": r["budget"], "dtype": args.dtype}, (), repro))
             continue
         ok = r["within_budget"]
         for m in (M("peak_allocated", r["peak_allocated"], "B", status="ok" if ok else "failed",
                     error="" if ok else "over budget", bound=r["budget"], better="lower"),
                   M("decode_time", r["ms_per_token"] / 1e3, "s", better="lower"),
                   M("bytes_copied_per_token", r["bytes_copied_per_token"], "B", better="lower"),
-                  M("logits_rel", r["logits_rel"], "ratio", better="lower")):
-            rows.append(results.make_row(run, args.device, SUITE, f"offload_{r['preset']}", m, plan, {}, (), repro))
+                  M("logits_rel", r["logits_rel"], "ratio", better="lower"),
+                  M("bitwise_equal_to_resident", float(r["bitwise_equal_to_resident"]), "bool", better="higher"),
+                  *([M("nvml_process_used_peak", r["nvml_process_peak"], "B", better="lower"),
+                     M("nvml_process_used_before", r["nvml_before"], "B")] if r.get("nvml_process_peak") else [])):
+            params = {"emulated": r.get("emulated", ""), "budget": r["budget"], "dtype": args.dtype,
+                      "new_tokens": args.offload_tokens, "resident_layers": r.get("resident_layers"),
+                      "streamed_layers": r.get("streamed_layers")}
+            rows.append(results.make_row(dataclasses.replace(run, preset=r["preset"]), args.device, SUITE,
+                                         f"offload_{r['preset']}", m, plan, params, r.get("fallbacks", ()), repro))
     return str(results.write_run(rows, args.results_dir, fp, run.run_id, axes=registry.AXES))
 
 
@@ -419,6 +468,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--offload-tokens", type=int, default=16)
     parser.add_argument("--offload-base", default="attention=sdpa",
                         help="plan axes every offload row shares ('' for the reference attention)")
+    parser.add_argument("--emulate", default=None,
+                        help="offload part: run every row but the resident reference under this hardware profile "
+                             "(e.g. sm61-laptop), on a card of the row's budget")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument("--results-dir", default="results")
     parser.add_argument("--no-store", action="store_true")
