@@ -6,12 +6,17 @@ process, on the same weights and the same prompt, stored through the results sto
 
 Per engine, interleaved rounds (the order rotates): time to first token (``generate`` of one token),
 then ``generate`` of ``--new-tokens`` tokens with ``min_new_tokens == max_new_tokens``; decode time
-per token = (full - first) / (new - 1). Before timing, the floor is counted: the text decoder's
-weight bytes (every decode step reads them all) over a copy bandwidth measured here (bytes read +
-written, as the issue's figures), and decode efficiency = floor / measured ms per token. Greedy
-tokens of every engine are compared with the first engine's. llama.cpp is not run here: its
-``llama-bench -o json`` output, when given, is read and shown beside (its own machine and weights
-are whatever the user ran it on; the table says so).
+per token = (full - first) / (new - 1), in wall-clock and in this process's CPU time (on a shared
+machine the CPU time shows what other work took). Before timing, the floor is counted: the text
+decoder's weight bytes (every decode step reads them all; per engine, at its bytes per weight) over a
+bandwidth measured here (on CUDA a device copy, bytes read + written, as issue 8's figures; on CPU
+a read of a buffer larger than every cache, since a decode step only reads its weights), and decode
+efficiency = floor / measured ms per token. Greedy tokens of every engine are compared with the
+first engine's, and each of this project's plans is scored against the first engine teacher-forced
+on its tokens (relative logits error, KL, top-1 agreement), so a quantized plan's error is stored
+beside its speed. llama.cpp is not run here: its ``llama-bench -o json`` output, when given, is read
+and shown beside (its own weights and run time are whatever the user ran it with; the table says
+so). ``--markdown FILE`` writes the table (machine, fingerprint, load, command) for a README.
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,15 +35,22 @@ import torch
 
 import qwen3_vl
 from harness import fingerprint, results
+from harness.errors import HarnessError
+from harness.numerics import plan_budget
 from harness.timing import Clock, interleaved, percentile
 from qwen3_vl.checkpoint import hf_state_dict
 from qwen3_vl.config import parameter_count, preset
 from qwen3_vl.hardware.device import storage_and_compute
+from qwen3_vl.model.positions import mrope_positions
 from qwen3_vl.optim import registry
 
 SUITE = "bench"
+_CPU_FAST = "attention=sdpa,kv_cache=static,rope=cached"
 DEFAULT_PLANS = {
-    "cpu": ["reference", "attention=sdpa,kv_cache=static", "attention=sdpa,kv_cache=static,quant=int8_weight"],
+    # the reference, the fastest exact CPU plan, then the quantized plans on the same execution
+    "cpu": ["reference", f"{_CPU_FAST},execution=cpu_packed", f"{_CPU_FAST},quant=int8_weight,execution=cpu_packed",
+            f"{_CPU_FAST},quant=int8_weight[kernel=fbgemm],execution=cpu_packed",
+            f"{_CPU_FAST},quant=int4_weight,execution=cpu_packed"],
     "cuda": ["reference", "attention=sdpa", "attention=eager,kv_cache=static,execution=cuda_graph",
              "attention=sdpa,kv_cache=static,execution=cuda_graph", "attention=eager,kv_cache=static,execution=compile",
              "attention=sdpa,kv_cache=static,execution=compile"],
@@ -50,6 +64,8 @@ class Engine:
     plan: object = None  # our Plan, None for other engines
     fallbacks: list = field(default_factory=list)
     tokens: torch.Tensor | None = None
+    model: object = None  # our model (for the teacher-forced error), None for other engines
+    bytes_per_weight: float | None = None  # what a decode step reads per text weight (None: the dtype's)
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 10) -> float:
@@ -64,6 +80,29 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 1
             dst.copy_(src)
         times.append(clock.samples[0])
     return 2 * nbytes / min(times)
+
+
+def read_bandwidth(nbytes: int = 1 << 30, seconds: float = 1.0) -> float:
+    """Bytes per second of a sum over ``nbytes`` of fp32 (more than every cache), best of ~1 s."""
+    x = torch.ones(nbytes // 4)
+    x.sum()
+    best, deadline = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return nbytes / best
+
+
+def quant_bytes_per_weight(plan, storage: torch.dtype) -> float:
+    """Bytes a quantized plan reads per weight (codes plus scales, per the quant option's layout)."""
+    choice = plan["quant"]
+    if choice.name == "int8_weight":
+        return 1.0
+    if choice.name == "int4_weight":
+        group = dict(choice.params).get("group", 128)
+        return 0.5 + 8 / group  # fp32 scale and zero per group
+    return torch.finfo(storage).bits / 8
 
 
 def text_weight_bytes(config, dtype: torch.dtype, bytes_per_weight: float | None = None) -> int:
@@ -99,7 +138,45 @@ def ours(label: str, config, state_dict, dtype, device, plan) -> Engine:
     def generate(inputs, n):
         return model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, eos_token_id=[])
 
-    return Engine(label, generate, model.plan, list(model.fallbacks))
+    storage = storage_and_compute(dtype)[0]
+    return Engine(label, generate, model.plan, list(model.fallbacks), model=model,
+                  bytes_per_weight=quant_bytes_per_weight(model.plan, storage))
+
+
+@torch.inference_mode()
+def teacher_forced_logits(model, inputs: dict, tokens: torch.Tensor) -> torch.Tensor:
+    """[B, 1 + n, V] logits: the prompt's last position, then one decode step per given token (the
+    path and kernels ``generate`` decodes with: one row per step, the plan's cache)."""
+    ids = inputs["input_ids"]
+    cache = model.new_cache(ids.shape[0], ids.shape[1] + tokens.shape[1])
+    embeds, visual_mask, deepstack = model.embed(ids, inputs.get("pixel_values"), inputs.get("image_grid_thw"))
+    positions, deltas = mrope_positions(ids, model.config, None, inputs.get("image_grid_thw"))
+    out = [model.step(embeds, positions, None, cache, visual_mask, deepstack, logits_to_keep=1)]
+    position = (ids.shape[1] + deltas.to(model.device)).view(1, -1, 1)
+    for index in range(tokens.shape[1]):
+        embeds = model.language_model.embed_tokens(tokens[:, index : index + 1].to(model.device))
+        out.append(model.step(embeds.to(model.compute_dtype), position.expand(3, -1, 1), None, cache))
+        position = position + 1
+    return torch.cat(out, dim=1).double()
+
+
+def declared_bounds(plan, dtype: str) -> dict[str, float]:
+    """What the plan promises against the reference: fp32 exactness, or its options' summed budgets."""
+    exact, budget = plan_budget(plan)
+    if exact:
+        return {"logits_rel": 1e-5} if dtype == "fp32" else {}
+    return budget
+
+
+def teacher_forced_error(engine: Engine, reference: Engine, inputs: dict) -> dict[str, float]:
+    """``engine`` vs ``reference`` fed the reference's generated tokens: relative logits error, mean
+    KL(ref || ours) and top-1 agreement over the prefill's last position and every decode step."""
+    ours = teacher_forced_logits(engine.model, inputs, reference.tokens)
+    ref = teacher_forced_logits(reference.model, inputs, reference.tokens)
+    log_p, log_q = ref.log_softmax(-1), ours.log_softmax(-1)
+    return {"logits_rel": ((ours - ref).abs().max() / ref.abs().max()).item(),
+            "kl": (log_p.exp() * (log_p - log_q)).sum(-1).mean().item(),
+            "top1_agreement": (ours.argmax(-1) == ref.argmax(-1)).double().mean().item()}
 
 
 def transformers_engines(config, state_dict, dtype, device, paths=("sdpa", "static")) -> list[Engine]:
@@ -142,7 +219,8 @@ def llama_bench_rows(path: Path) -> list[dict]:
     for rec in data:
         try:
             kind = "prefill" if int(rec["n_gen"]) == 0 else "decode"
-            out.append({"label": f"llama.cpp {rec.get('type_k', '')} {rec.get('model_type', '')}".strip(),
+            weights = str(rec.get("model_type", "")).split(" ", 2)[-1]  # "qwen3vl 2B Q4_K - Medium" -> "Q4_K - Medium"
+            out.append({"label": f"llama.cpp {weights}".strip(), "model": rec.get("model_filename", ""),
                         "kind": kind, "n_prompt": int(rec["n_prompt"]), "n_gen": int(rec["n_gen"]),
                         "tokens_per_s": float(rec["avg_ts"]), "stddev": float(rec.get("stddev_ts", 0.0)),
                         "build": rec.get("build_commit", ""), "cpu": rec.get("cpu_info", ""),
@@ -179,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: physical cores)")
     parser.add_argument("--results-dir", default="results")
+    parser.add_argument("--markdown", type=Path, help="also write the table as Markdown to this file")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -190,12 +269,18 @@ def main(argv: list[str] | None = None) -> int:
         import psutil
 
         torch.set_num_threads(args.threads or psutil.cpu_count(logical=False) or 1)
-    llama = llama_bench_rows(args.llama_bench) if args.llama_bench else []
-    results.check_writable(args.results_dir)
+    try:
+        llama = llama_bench_rows(args.llama_bench) if args.llama_bench else []
+        results.check_writable(args.results_dir)
+    except (ValueError, OSError, HarnessError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     fp = fingerprint.collect()
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     config = preset(args.preset)
     storage = storage_and_compute(args.dtype)[0]
     plans = args.plan or DEFAULT_PLANS[device.type]
+    command = "python -m harness.bench " + " ".join(argv if argv is not None else sys.argv[1:])
 
     print(f"building {args.preset} ({args.dtype}) on {device} ...", file=sys.stderr)
     reference = qwen3_vl.build(config, None, dtype=args.dtype, device=device, seed=args.seed)
@@ -209,69 +294,97 @@ def main(argv: list[str] | None = None) -> int:
     inputs = {k: v.to(device) for k, v in inputs.items()}
     prompt_len = inputs["input_ids"].shape[1]
 
-    bandwidth = copy_bandwidth(device, nbytes=(1 << 30) if device.type == "cuda" else (1 << 28))
+    if device.type == "cuda":
+        bandwidth, bandwidth_kind = copy_bandwidth(device, nbytes=1 << 30), "copy (read+write)"
+    else:
+        bandwidth, bandwidth_kind = read_bandwidth(), "read"
     weight_bytes = text_weight_bytes(config, storage)
     floor_ms = weight_bytes / bandwidth * 1e3
-    print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s (read+write); text weights {weight_bytes / 1e9:.2f} GB; "
+    print(f"{bandwidth_kind} bandwidth {bandwidth / 1e9:.0f} GB/s; text weights {weight_bytes / 1e9:.2f} GB; "
           f"decode floor {floor_ms:.2f} ms/token ({1e3 / floor_ms:.0f} tokens/s)", file=sys.stderr)
 
-    first: dict[str, Clock] = {}
-    full: dict[str, Clock] = {}
+    cpu_seconds: dict[str, dict[int, list[float]]] = {e.label: {1: [], args.new_tokens: []} for e in engines}
 
-    def target(engine: Engine, n: int, clocks: dict):
+    def target(engine: Engine, n: int):
         def run(clock: Clock):
+            cpu = time.process_time()
             with clock():
                 out = engine.generate(inputs, n)
+            if clock.enabled:
+                cpu_seconds[engine.label][n].append(time.process_time() - cpu)
             if n == args.new_tokens:
                 engine.tokens = out[:, prompt_len:].cpu()
-            clocks[engine.label] = clock
         return run
 
-    timed_first = interleaved({e.label: target(e, 1, first) for e in engines}, args.rounds, args.warmup, device)
-    timed_full = interleaved({e.label: target(e, args.new_tokens, full) for e in engines}, args.rounds,
+    timed_first = interleaved({e.label: target(e, 1) for e in engines}, args.rounds, args.warmup, device)
+    timed_full = interleaved({e.label: target(e, args.new_tokens) for e in engines}, args.rounds,
                              args.warmup, device)
+    load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
 
     run = results.RunInfo(results.new_run_id(), fp["id"], args.preset, args.dtype, fp["git"].get("sha", "unknown"),
                           bool(fp["git"].get("dirty", False)))
     params = {"prompt_tokens": prompt_len, "image_size": args.image_size, "new_tokens": args.new_tokens,
-              "rounds": args.rounds, "threads": torch.get_num_threads()}
+              "rounds": args.rounds, "threads": torch.get_num_threads(), "load_before": load_before,
+              "load_after": load_after}
     rows, table = [], []
-    ref_tokens = engines[0].tokens
+    first = engines[0]
     for engine in engines:
         t1, tn = timed_first[engine.label], timed_full[engine.label]
         error = t1.error or tn.error
         measurements = []
+        if not error:
+            ttft = statistics.median(t1.clock.samples)
+            per_token = [(f - ttft) / (args.new_tokens - 1) * 1e3 for f in tn.clock.samples]
+            ms = statistics.median(per_token)
+            if ms <= 0:  # the whole generation timed faster than its first token: noise, not a speed
+                error = (f"decode time not resolvable: {args.new_tokens} tokens took no longer than the first "
+                         f"({ms:.2f} ms/token); use more --new-tokens or --rounds, or a quieter machine")
+        row = {"label": engine.label, "error": error}
         if error:
             measurements.append(results.failed("decode_ms_per_token", error))
-            table.append((engine.label, None, None, None, None, None, error))
         else:
-            ttft = t1.clock.samples
-            fulls = tn.clock.samples
-            per_token = [(f - statistics.median(ttft)) / (args.new_tokens - 1) * 1e3 for f in fulls]
-            ms = statistics.median(per_token)
-            same = None if ref_tokens is None or engine.tokens is None else int(
-                (engine.tokens == ref_tokens).all(dim=0).cumprod(0).sum())
+            cpu = cpu_seconds[engine.label]
+            cpu_ms = (statistics.median(cpu[args.new_tokens]) - statistics.median(cpu[1])) / (args.new_tokens - 1) * 1e3
+            engine_floor = floor_ms * (engine.bytes_per_weight or storage.itemsize) / storage.itemsize
+            same = None if first.tokens is None or engine.tokens is None else int(
+                (engine.tokens == first.tokens).all(dim=0).cumprod(0).sum())
             mem = peak_memory(engine, inputs, args.new_tokens, device)
+            row.update(ttft_ms=ttft * 1e3, prefill_tokens_per_s=prompt_len / ttft, ms=ms, cpu_ms=cpu_ms,
+                       tokens_per_s=1e3 / ms, efficiency=engine_floor / ms, same=same, peak=mem)
             measurements += [
-                results.Measurement("ttft_ms", statistics.median(ttft) * 1e3, "ms", [s * 1e3 for s in ttft],
-                                    better="lower"),
-                results.Measurement("ttft_ms_p90", percentile(ttft, 90) * 1e3, "ms", better="lower"),
+                results.Measurement("ttft_ms", ttft * 1e3, "ms", [s * 1e3 for s in t1.clock.samples], better="lower"),
+                results.Measurement("ttft_ms_p90", percentile(t1.clock.samples, 90) * 1e3, "ms", better="lower"),
+                results.Measurement("prefill_tokens_per_s", prompt_len / ttft, "tokens/s", better="higher"),
                 results.Measurement("decode_ms_per_token", ms, "ms", per_token, better="lower"),
+                results.Measurement("decode_cpu_ms_per_token", cpu_ms, "ms", better="lower"),
                 results.Measurement("decode_tokens_per_s", 1e3 / ms, "tokens/s", better="higher"),
-                results.Measurement("decode_efficiency", floor_ms / ms, "ratio", better="higher"),
+                results.Measurement("decode_efficiency", engine_floor / ms, "ratio", better="higher"),
                 results.Measurement("greedy_tokens_equal_to_first", same, "tokens", better="higher"),
             ]
+            if engine.model is not None and first.model is not None and first.tokens is not None:
+                scores = teacher_forced_error(engine, first, inputs)
+                row.update(scores)
+                bounds = declared_bounds(engine.plan, args.dtype) if first.plan == registry.reference_plan() else {}
+                for k, v in scores.items():
+                    higher = k == "top1_agreement"
+                    bound = bounds.get(k)
+                    ok = bound is None or (v >= bound if higher else v <= bound)
+                    if not ok:
+                        row.setdefault("outside_budget", []).append(f"{k} {v:.3g} vs {bound:g}")
+                    measurements.append(results.Measurement(
+                        k, v, "", status="ok" if ok else "failed", bound=bound, better="higher" if higher else "lower",
+                        error="" if ok else f"outside the plan's declared budget ({k} {'>=' if higher else '<='} "
+                                            f"{bound:g}) on this workload"))
             if mem is not None:
                 measurements.append(results.Measurement("cuda_allocated_peak", mem, "B", better="lower"))
-            table.append((engine.label, statistics.median(ttft) * 1e3, ms, 1e3 / ms, floor_ms / ms, same, mem))
+        table.append(row)
         for m in measurements:
             rows.append(results.make_row(run, str(device), SUITE, engine.label, m, engine.plan,
-                                         {**params, "engine": engine.label}, engine.fallbacks,
-                                         "python -m harness bench " + " ".join(argv or sys.argv[1:])))
-    for m in (results.Measurement("copy_bandwidth", bandwidth, "B/s"),
+                                         {**params, "engine": engine.label}, engine.fallbacks, command))
+    for m in (results.Measurement("bandwidth", bandwidth, "B/s"),
               results.Measurement("text_weight_bytes", weight_bytes, "B"),
               results.Measurement("decode_floor_ms", floor_ms, "ms")):
-        rows.append(results.make_row(run, str(device), SUITE, "floor", m, None, params))
+        rows.append(results.make_row(run, str(device), SUITE, "floor", m, None, {**params, "kind": bandwidth_kind}))
     for rec in llama:
         rows.append(results.make_row(run, str(device), SUITE, rec["label"],
                                      results.Measurement(f"{rec['kind']}_tokens_per_s", rec["tokens_per_s"],
@@ -281,20 +394,79 @@ def main(argv: list[str] | None = None) -> int:
 
     name = fp["stable"]["torch_gpus"][0]["name"] if device.type == "cuda" and fp["stable"]["torch_gpus"] else \
         fp["stable"]["cpu"]["model"]
-    print(f"\n{args.preset} {args.dtype} on {name} ({device}), prompt {prompt_len} tokens, "
-          f"{args.new_tokens} new tokens, {args.rounds} rounds; floor {floor_ms:.2f} ms/token")
-    print(f"{'engine':58} {'TTFT ms':>8} {'ms/tok':>8} {'tok/s':>8} {'eff':>6} {'same':>5} {'peak GiB':>9}")
-    for label, ttft, ms, tps, eff, same, mem in table:
-        if ttft is None:
-            print(f"{label:58} failed: {mem}")
-            continue
-        gib = "-" if mem is None else f"{mem / 2**30:.2f}"
-        print(f"{label:58} {ttft:8.1f} {ms:8.2f} {tps:8.1f} {eff:6.2f} {same!s:>5} {gib:>9}")
-    for rec in llama:
-        print(f"{rec['label']:58} {'':8} {'':8} {rec['tokens_per_s']:8.1f}  ({rec['kind']}, "
-              f"pp{rec['n_prompt']}/tg{rec['n_gen']}, as reported by llama-bench)")
+    header = (f"{args.preset} {args.dtype} on {name} ({device}, {torch.get_num_threads()} threads), fingerprint "
+              f"{fp['id']}; prompt {prompt_len} tokens{' with one image' if args.image_size else ''}, "
+              f"{args.new_tokens} new tokens, {args.rounds} rounds; floor {floor_ms:.2f} ms/token "
+              f"({bandwidth_kind} {bandwidth / 1e9:.0f} GB/s); load average {_load(load_before)} before, "
+              f"{_load(load_after)} after")
+    print("\n" + header)
+    print(text_table(table, llama))
+    if args.markdown:
+        args.markdown.write_text(markdown_table(table, llama, header, command, path) + "\n")
+        print(f"markdown: {args.markdown}")
     print(f"results: {path}")
     return 0
+
+
+def _load(load) -> str:
+    return "-" if load is None else "/".join(f"{x:.1f}" for x in load)
+
+
+def _baseline(table: list[dict]) -> dict | None:
+    """The row ratios are taken against: transformers' default path when it ran, else the first."""
+    ok = [r for r in table if not r["error"]]
+    return next((r for r in ok if r["label"].startswith("transformers") and r["label"].endswith("sdpa")),
+                ok[0] if ok else None)
+
+
+def _error_text(row: dict) -> str:
+    if "logits_rel" not in row:
+        return "-"
+    text = f"{row['logits_rel']:.1e} / {row['kl']:.1e} / {row['top1_agreement']:.2f}"
+    if row.get("outside_budget"):
+        text += " (OUTSIDE declared budget: " + ", ".join(row["outside_budget"]) + ")"
+    return text
+
+
+def text_table(table: list[dict], llama: list[dict]) -> str:
+    base = _baseline(table)
+    lines = [f"{'engine':70} {'TTFT ms':>8} {'x':>5} {'ms/tok':>7} {'cpu ms':>7} {'tok/s':>6} {'x':>5} {'eff':>5} "
+             f"{'same':>4}  error rel/KL/top1"]
+    for row in table:
+        if row["error"]:
+            lines.append(f"{row['label']:70} failed: {row['error']}")
+            continue
+        lines.append(f"{row['label']:70} {row['ttft_ms']:8.1f} {base['ttft_ms'] / row['ttft_ms']:5.2f} "
+                     f"{row['ms']:7.2f} {row['cpu_ms']:7.2f} {row['tokens_per_s']:6.1f} {base['ms'] / row['ms']:5.2f} "
+                     f"{row['efficiency']:5.2f} {row['same']!s:>4}  {_error_text(row)}")
+    for rec in llama:
+        lines.append(f"{rec['label']:70} {rec['kind']} {rec['tokens_per_s']:.1f} tokens/s (pp{rec['n_prompt']}/"
+                     f"tg{rec['n_gen']}, {rec['threads']} threads, as reported by llama-bench)")
+    return "\n".join(lines)
+
+
+def markdown_table(table: list[dict], llama: list[dict], header: str, command: str, path) -> str:
+    """The table for a README: ratios against transformers' default path (or the first engine)."""
+    base = _baseline(table)
+    lines = [header, "", "| engine | time to first token ms (x) | prefill tok/s | decode ms/token (x) | decode tok/s | "
+             "decode CPU ms/token | greedy tokens same | error vs first: logits rel / KL / top-1 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in table:
+        if row["error"]:
+            lines.append(f"| {row['label']} | failed: {row['error']} | | | | | | |")
+            continue
+        lines.append(f"| {row['label']} | {row['ttft_ms']:.0f} ({base['ttft_ms'] / row['ttft_ms']:.2f}x) | "
+                     f"{row['prefill_tokens_per_s']:.0f} | {row['ms']:.1f} ({base['ms'] / row['ms']:.2f}x) | "
+                     f"{row['tokens_per_s']:.1f} | {row['cpu_ms']:.1f} | {row['same']} | {_error_text(row)} |")
+    merged: dict[tuple, dict[str, str]] = {}  # one row per llama.cpp model: its prefill and decode tests
+    for rec in llama:
+        cell = merged.setdefault((rec["label"], rec["threads"]), {"prefill": "", "decode": ""})
+        cell[rec["kind"]] = (f"{rec['tokens_per_s']:.0f} (pp{rec['n_prompt']}, text only)" if rec["kind"] == "prefill"
+                             else f"{rec['tokens_per_s']:.1f} (tg{rec['n_gen']})")
+    for (label, threads), cell in merged.items():
+        lines.append(f"| {label}, {threads} threads (llama-bench) | | {cell['prefill']} | | {cell['decode']} | | | |")
+    lines += ["", f"Command: `{command}`; results: `{path}`."]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

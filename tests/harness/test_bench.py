@@ -1,0 +1,51 @@
+"""The side-by-side benchmark (harness/bench.py) on the tiny preset: what it stores and refuses."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from harness import bench, results
+
+PLANS = ["reference", "attention=sdpa,kv_cache=static,execution=cpu_packed", "quant=int8_weight"]
+
+
+def test_plans_side_by_side_store_speed_error_and_llama_rows(tmp_path):
+    llama = tmp_path / "llama.json"
+    llama.write_text(json.dumps([
+        {"model_type": "qwen3vl ?B Q8_0", "n_prompt": 115, "n_gen": 0, "avg_ts": 800.0, "n_threads": 2},
+        {"model_type": "qwen3vl ?B Q8_0", "n_prompt": 0, "n_gen": 32, "avg_ts": 110.0, "n_threads": 2}]))
+    argv = ["--preset", "tiny", "--device", "cpu", "--threads", "1", "--rounds", "2", "--warmup", "0",
+            "--new-tokens", "6", "--image-size", "64", "--results-dir", str(tmp_path / "r"),
+            "--markdown", str(tmp_path / "t.md"), "--llama-bench", str(llama)]
+    for plan in PLANS:
+        argv += ["--plan", plan]
+    assert bench.main(argv) == 0
+    df = results.load(tmp_path / "r")
+    value = df.set_index(["case", "metric"]).value
+    for plan in PLANS:
+        assert value[(plan, "greedy_tokens_equal_to_first")] >= (6 if plan != "quant=int8_weight" else 0)
+        assert (plan, "decode_ms_per_token") in value.index and (plan, "ttft_ms") in value.index
+    # the exact plan agrees with the reference teacher-forced; the quantized one is measurably off
+    assert value[(PLANS[1], "logits_rel")] <= 1e-5 and value[(PLANS[1], "top1_agreement")] == 1.0
+    assert value[(PLANS[2], "logits_rel")] > 1e-4
+    # each error is stored with what the plan declares: exactness, or the quant option's budget
+    bound = df.set_index(["case", "metric"]).bound
+    assert bound[(PLANS[1], "logits_rel")] == 1e-5 and bound[(PLANS[2], "kl")] == 0.002
+    row = df[(df.case == PLANS[2]) & (df.metric == "kl")].iloc[0]
+    assert row.status == ("ok" if row.value <= 0.002 else "failed")
+    assert value[("llama.cpp Q8_0", "decode_tokens_per_s")] == 110.0
+    table = (tmp_path / "t.md").read_text()
+    assert "llama.cpp Q8_0, 2 threads (llama-bench)" in table and "110.0 (tg32)" in table
+
+
+@pytest.mark.parametrize("content, message", [("not json", "cannot read llama-bench JSON"),
+                                              ('{"a": 1}', "is not llama-bench JSON"),
+                                              ('[{"n_gen": 0}]', "lacks n_prompt/n_gen/avg_ts")])
+def test_bad_llama_bench_json_is_one_line_and_exit_2(tmp_path, capsys, content, message):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    assert bench.main(["--preset", "tiny", "--llama-bench", str(path), "--results-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
