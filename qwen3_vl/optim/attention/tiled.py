@@ -105,7 +105,8 @@ OPTION = Optimization(
     summary=(
         "Online-softmax attention over key tiles with fp32 accumulation (the Pascal tile-kernel schedule) in "
         "plain PyTorch: O(N) score memory, causal tiles skipped, GQA groups read each KV head once. SLOWER "
-        "than sdpa wherever measured (CPU, 2b shapes: 2.2-4.2x eager's time for prefill/ViT, sdpa 0.1-0.35x), "
+        "than sdpa wherever measured (CPU, 2b shapes: 2.2-4.2x eager's time for prefill/ViT, sdpa 0.1-0.35x; "
+        "H200: 3-210x eager's, one launch per tile), "
         "so never a default; its use is O(N) memory (46 MiB vs eager's 2.1 GiB at 4096) where no fused "
         "kernel exists."
     ),
