@@ -155,3 +155,17 @@ def test_save_is_atomic_on_failure(tmp_path, monkeypatch, ours_tiny):
         qwen3_vl.save_pretrained(ours_tiny, tmp_path / "out")
     assert not (tmp_path / "out" / "config.json").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []
+
+
+def test_load_state_dict_from_hf_method_round_trips_and_refuses_bad_keys(tiny_checkpoint):
+    """The model's own method: HF-layout weights in, bitwise the same model out; a bad dict changes nothing."""
+    source = qwen3_vl.from_pretrained(tiny_checkpoint)
+    target = qwen3_vl.build(qwen3_vl.PRESETS["tiny"], None, seed=99)
+    before = {k: v.clone() for k, v in hf_state_dict(target).items()}
+    broken = dict(hf_state_dict(source))
+    broken.pop(next(iter(broken)))
+    with pytest.raises(CheckpointError, match="missing"):
+        target.load_state_dict_from_hf(broken)
+    assert all(torch.equal(before[k], v) for k, v in hf_state_dict(target).items())  # nothing half-loaded
+    target.load_state_dict_from_hf(hf_state_dict(source))
+    assert all(torch.equal(hf_state_dict(source)[k], v) for k, v in hf_state_dict(target).items())

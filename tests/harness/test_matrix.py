@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 
 from harness import matrix
-from qwen3_vl.optim import Optimization, PlanError, Requirements, Target, reference_plan
+from qwen3_vl.optim import Optimization, Plan, PlanError, Requirements, Target, reference_plan
 from qwen3_vl.optim.attention.eager import EagerAttention
 
 from . import faults
@@ -96,3 +97,18 @@ def test_option_filter(small_registry):
         matrix.parse_option("attention=nope")
     with pytest.raises(PlanError, match="axes are"):
         matrix.parse_option("nope=eager")
+
+
+def test_the_matrix_command_lists_plans_with_status_and_reasons(capsys):
+    """``python -m harness matrix``: every combination with its plan id and run / skipped: reason."""
+    from harness.__main__ import main as cli
+
+    assert cli(["matrix", "--mode", "pairwise", "--device", "cpu", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    runnable = [c for c in listed if c["status"] == "run"]
+    skipped = [c for c in listed if c["status"] != "run"]
+    assert runnable[0]["plan_id"] == reference_plan().id  # the reference plan first
+    assert len(runnable) > 20 and all(Plan.parse(c["plan_id"]).id == c["plan_id"] for c in runnable)
+    assert skipped and all(c["reason"] for c in skipped)
+    assert any("needs device cuda" in c["reason"] or "cuda" in c["reason"] for c in skipped)
+    assert cli(["matrix", "--shard", "2/1"]) == 2

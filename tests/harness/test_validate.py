@@ -107,6 +107,7 @@ def test_budget_runs_the_pairwise_cover_first_and_records_the_rest(tmp_path, sma
     (["--preset", "huge"], "unknown preset 'huge'"),
     (["--only", "attention=nope"], "unknown option 'nope' for axis 'attention'"),
     (["--plan", "attention=eager,bogus=1"], "unknown axis 'bogus'"),
+    (["--plan", "attention=nope"], "unknown option 'nope' for axis 'attention'"),
     (["--shard", "3/2"], "invalid shard '3/2'"),
     (["--suites", "imports,speed"], "unknown suite 'speed'"),
     (["--device", "cuda:7"], "cuda"),
