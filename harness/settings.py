@@ -22,7 +22,7 @@ PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
 @dataclass(frozen=True)
 class Settings:
-    budget_s: float = 540.0  # validate's wall clock: no new contract or combination starts past it (0: none)
+    budget_s: float = 480.0  # validate's wall clock: no new contract or combination starts past it (0: none)
     numerics_budget_share: float = 0.5  # of each device's budget, at most this for the option contracts
     rounds: int = 5  # timed rounds per latency case (each round times every model of a group once)
     warmup: int = 1  # untimed rounds first

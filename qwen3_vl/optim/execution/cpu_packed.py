@@ -154,12 +154,14 @@ def rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
 class LeanDecoderLayer(DecoderLayer):
     """``DecoderLayer`` with the same arithmetic in fewer operations (see the module docstring).
 
-    Calls without a cache and caches that watch the queries (H2O) take the reference layer."""
+    Calls without a cache, caches that watch the queries (H2O) and attention modules something hooks
+    (FastV scores layer K-1's attention from a forward hook) take the reference layer."""
 
     def forward(self, x, cos, sin, mask, cache, attention) -> torch.Tensor:
-        if cache is None or getattr(cache, "observes_queries", False):
-            return super().forward(x, cos, sin, mask, cache, attention)
         attn = self.self_attn
+        if cache is None or getattr(cache, "observes_queries", False) or attn._forward_hooks or \
+                attn._forward_pre_hooks:
+            return super().forward(x, cos, sin, mask, cache, attention)
         b, n, _ = x.shape
         q, k, v = attn.project(rms_norm(x, self.input_layernorm))
         q = rms_norm(q.view(b, n, -1, attn.head_dim), attn.q_norm).transpose(1, 2)

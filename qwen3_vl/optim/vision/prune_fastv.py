@@ -41,8 +41,9 @@ def last_token_attention(attn, h: torch.Tensor, cos: torch.Tensor, sin: torch.Te
     (normalised) input is ``h`` (softmax in fp32, mean over heads)."""
     b, n, _ = h.shape
     d, groups = attn.head_dim, attn.num_heads // attn.num_kv_heads
-    q = attn.q_norm(attn.q_proj(h[:, -1:]).view(b, 1, -1, d)).transpose(1, 2)  # [B, Hq, 1, d]
-    k = attn.k_norm(attn.k_proj(h).view(b, n, -1, d)).transpose(1, 2)  # [B, Hkv, n, d]
+    # through ``project``: execution options fuse q/k/v into one matmul (no q_proj/k_proj then)
+    q = attn.q_norm(attn.project(h[:, -1:])[0].view(b, 1, -1, d)).transpose(1, 2)  # [B, Hq, 1, d]
+    k = attn.k_norm(attn.project(h)[1].view(b, n, -1, d)).transpose(1, 2)  # [B, Hkv, n, d]
     q = apply_rotary(q, cos[:, :, -1:], sin[:, :, -1:])
     k = apply_rotary(k, cos, sin)
     scores = q.view(b, attn.num_kv_heads, groups, d) @ k.transpose(-1, -2) * d**-0.5  # [B, Hkv, g, n]

@@ -134,3 +134,17 @@ def test_bf16_without_onednn_bf16_packs_nothing(tiny_checkpoint, monkeypatch):
     assert model.execution.describe()["kernel"] == "none"
     with pytest.raises(ValueError, match="available: none"):
         qwen3_vl.from_pretrained(tiny_checkpoint, dtype="bf16", plan=f"{BASE},execution=cpu_packed[kernel=mkldnn]")
+
+
+@pytest.mark.parametrize("kernel", ["auto", "none"])
+def test_fastv_scores_through_the_lean_layers(tiny_checkpoint, ours_tiny, kernel):
+    """FastV scores layer K-1's attention from a hook on its module; the lean layer runs that layer's
+    reference code while hooked, and the score reads the fused q/k/v projection (found by validate:
+    'layer 1's attention did not run through its module', then a missing q_proj)."""
+    ids, pixels, grid = image_prompt(ours_tiny.config, [(1, 8, 12), (1, 8, 12)], seed=3)
+    inputs = {"pixel_values": pixels, "image_grid_thw": grid}
+    plan = "attention=sdpa,vision=prune_fastv[ratio=0.25]"
+    ref = qwen3_vl.from_pretrained(tiny_checkpoint, plan=plan)
+    model = qwen3_vl.from_pretrained(tiny_checkpoint, plan=f"{plan},execution=cpu_packed[kernel={kernel}]")
+    assert torch.equal(generate(model, ids, inputs, 8), generate(ref, ids, inputs, 8))
+    assert model.vision.kept == ref.vision.kept and model.vision.kept[0] < int((ids == ref.config.image_token_id).sum())

@@ -223,7 +223,8 @@ def test_measured_error_is_within_the_declared_budget(full, option, ratio):
         for phase in ("prefill", "decode"):
             assert measured[f"{phase}_kl"] <= budget["kl"]
             assert measured[f"{phase}_logits_rel"] <= budget["logits_rel"]
-            assert measured[f"{phase}_top1_agreement"] >= budget["top1_agreement"]
+            # top-1 agreement is measured and stored, not bounded (the budget's 0 promises nothing)
+            assert 0.0 <= measured[f"{phase}_top1_agreement"] <= 1.0
 
 
 def test_fastv_scores_layers_whose_weights_are_streamed_in(full):
