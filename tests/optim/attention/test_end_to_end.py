@@ -3,8 +3,8 @@ kept) gives the reference's greedy tokens for 32 steps and its logits to fp32 re
 an image prompt with two differently sized images (ragged ViT segments, rope_delta), a left-padded
 batch, and a prompt fed to the cache in chunks (q_len < kv_len).
 
-``mini`` is opt-in (QWEN3VL_MINI=1): on this project's 2-core CI machine one 32-token generation
-on mini takes 8-50 s per option under load, which would blow the test budget."""
+``mini`` too: 32 s for every option on the idle 2-core CI machine (8-50 s per option under heavy
+load, which the CI runner does not have)."""
 
 from __future__ import annotations
 
