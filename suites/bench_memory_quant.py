@@ -12,6 +12,11 @@ Parts (``--parts``, comma-separated):
   memory bandwidth measured in the same process.
 - ``kv``: every KV option's cache filled with ``--kv-tokens`` tokens of the preset's shape; bytes
   per token from ``nbytes()`` (what the cache holds; bounded caches say so).
+- ``kv_error``: every approximate KV option against the reference over one seeded multimodal
+  conversation (``harness/conversation.py``: a 126-token prompt holding an image, 64 greedy steps, a
+  second 8-token turn, 8 more steps), teacher-forced with the reference's tokens: next-token KL,
+  top-1 agreement and relative logits error, each stored with the option's declared bound, and the
+  KV bytes held at the end.
 - ``rss``: peak RSS of a short generation from a saved checkpoint, ``resident`` vs
   ``offload_disk``, each in a fresh process.
 - ``offload`` (CUDA): for each preset, ``resident`` vs ``offload_cpu`` / ``offload_disk`` without
@@ -52,6 +57,7 @@ import torch
 import qwen3_vl
 from harness import fingerprint as fingerprint_mod
 from harness import memory, results, timing
+from harness.conversation import compare, conversation, named_prompt, within_budget
 from qwen3_vl.hardware import emulate as emulation
 from qwen3_vl.hardware.profiles import Profile, get_profile
 from qwen3_vl.model.positions import mrope_positions
@@ -388,10 +394,41 @@ def offload_part(args) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------
+# kv_error
+
+KV_APPROXIMATE = ("kv_cache=quant_int8", "kv_cache=quant_int4", "kv_cache=hierarchical_kv[hot=32;warm=64]",
+                  "kv_cache=sink_window[window=172]",  # keeps 176 of the conversation's 206 tokens
+                  "kv_cache=h2o[budget=176;recent=88]", "kv_cache=cross_layer[retain_below=-1.0]")
+
+
+def kv_error_part(args) -> list[dict]:
+    from qwen3_vl.optim.plan import Plan
+
+    prompt = named_prompt("single", qwen3_vl.config.preset(args.kv_error_preset))
+    reference = qwen3_vl.from_pretrained(args.kv_error_preset, seed=0)
+    ref_logits, tokens, ref_cache = conversation(reference, prompt)
+    print(f"\nkv_error: {args.kv_error_preset}, {prompt.input_ids.shape[1]}-token prompt with an image, "
+          f"{tokens.shape[1]} decoded tokens and an 8-token second turn; reference KV {ref_cache.nbytes()} B")
+    rows = []
+    for plan in KV_APPROXIMATE:
+        model = qwen3_vl.from_pretrained(args.kv_error_preset, seed=0, plan=plan)
+        logits, _, cache = conversation(model, prompt, tokens=tokens)
+        metrics = compare(logits, ref_logits)
+        budget = registry.get("kv_cache", Plan.parse(plan)["kv_cache"].name).error_budget
+        outside = within_budget(metrics, budget)
+        rows.append({"plan": plan, "metrics": metrics, "budget": budget, "kv_bytes": cache.nbytes(),
+                     "ref_kv_bytes": ref_cache.nbytes(), "positions": logits.shape[1]})
+        print(f"  {plan:45} KL {metrics['kl']:.2e}  top-1 {metrics['top1_agreement']:.3f}  rel "
+              f"{metrics['logits_rel']:.2e}  KV {cache.nbytes()} B  "
+              + ("within budget" if not outside else "OUTSIDE budget: " + ", ".join(outside)))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
 # storing
 
 
-def store(args, decode_rows, kv_rows, rss_rows, offload_rows) -> str:
+def store(args, decode_rows, kv_rows, rss_rows, offload_rows, kv_error_rows=()) -> str:
     from qwen3_vl.optim.plan import Plan, make_plan
 
     fp = fingerprint_mod.collect()
@@ -417,6 +454,20 @@ def store(args, decode_rows, kv_rows, rss_rows, offload_rows) -> str:
         params = {"preset_shape": args.kv_preset, "kv_dtype": args.kv_dtype, "tokens": r["tokens"]}
         rows.append(results.make_row(run, "cpu", SUITE, "kv_bytes", M("kv_bytes_per_token", r["bytes_per_token"],
                                                                         "B", better="lower"), plan, params, (), repro))
+    for r in kv_error_rows:
+        plan = Plan.parse(r["plan"])
+        params = {"positions": r["positions"], "ref_kv_bytes": r["ref_kv_bytes"]}
+        err_run = dataclasses.replace(run, preset=args.kv_error_preset, dtype="fp32")
+        for metric, value in r["metrics"].items():
+            bound = r["budget"].get(metric)
+            higher = metric == "top1_agreement"
+            ok = bound is None or (value >= bound if higher else value <= bound)
+            rows.append(results.make_row(err_run, "cpu", SUITE, "kv_error", M(
+                metric, value, "", status="ok" if ok else "failed", bound=bound, better="higher" if higher else "lower",
+                error="" if ok else f"outside the declared budget ({metric} {'>=' if higher else '<='} {bound:g})"),
+                plan, params, (), repro))
+        rows.append(results.make_row(err_run, "cpu", SUITE, "kv_error", M("kv_bytes", r["kv_bytes"], "B",
+                                                                           better="lower"), plan, params, (), repro))
     for r in rss_rows:
         if "error" in r:
             rows.append(results.make_row(run, "cpu", SUITE, "rss", results.failed("rss_peak", str(r["error"])),
@@ -464,6 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-dtype", default="fp16", choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--kv-tokens", type=int, default=4096)
     parser.add_argument("--rss-tokens", type=int, default=16)
+    parser.add_argument("--kv-error-preset", default="tiny", help="kv_error part: the preset the conversation runs on")
     parser.add_argument("--offload-presets", default="2b,8b")
     parser.add_argument("--offload-tokens", type=int, default=16)
     parser.add_argument("--offload-base", default="attention=sdpa",
@@ -483,9 +535,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
-    unknown = parts - {"decode", "kv", "rss", "offload"}
+    unknown = parts - {"decode", "kv", "kv_error", "rss", "offload"}
     if unknown:
-        print(f"error: unknown part '{sorted(unknown)[0]}'; parts are decode, kv, rss, offload", file=sys.stderr)
+        print(f"error: unknown part '{sorted(unknown)[0]}'; parts are decode, kv, kv_error, rss, offload",
+              file=sys.stderr)
         return 2
     cpu = fingerprint_mod.cpu_info()
     flags = cpu.get("isa_flags", [])
@@ -498,8 +551,9 @@ def main(argv: list[str] | None = None) -> int:
     kv_rows = kv_part(args) if "kv" in parts else []
     rss_rows = rss_part(args) if "rss" in parts else []
     offload_rows = offload_part(args) if "offload" in parts else []
+    kv_error_rows = kv_error_part(args) if "kv_error" in parts else []
     if not args.no_store:
-        print(f"\nresults: {store(args, decode_rows, kv_rows, rss_rows, offload_rows)}")
+        print(f"\nresults: {store(args, decode_rows, kv_rows, rss_rows, offload_rows, kv_error_rows)}")
     return 0
 
 

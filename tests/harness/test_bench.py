@@ -49,3 +49,16 @@ def test_bad_llama_bench_json_is_one_line_and_exit_2(tmp_path, capsys, content, 
     assert bench.main(["--preset", "tiny", "--llama-bench", str(path), "--results-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_kv_error_part_stores_each_approximate_kv_option_with_its_bound(tmp_path):
+    from suites import bench_memory_quant
+
+    assert bench_memory_quant.main(["--parts", "kv_error", "--results-dir", str(tmp_path)]) == 0
+    df = results.load(tmp_path)
+    err = df[df.case == "kv_error"]
+    assert set(err.kv_cache) == {p.split("=", 1)[1] for p in bench_memory_quant.KV_APPROXIMATE}
+    kl = err[err.metric == "kl"]
+    assert len(kl) == len(bench_memory_quant.KV_APPROXIMATE) and kl.bound.notna().all()
+    assert (kl.value > 0).all()  # every option compressed something on this conversation
+    assert (kl.status == (kl.value <= kl.bound).map({True: "ok", False: "failed"})).all()
