@@ -35,9 +35,10 @@ import torch
 
 import qwen3_vl
 from harness import fingerprint, results
+from harness.conversation import compare
 from harness.errors import HarnessError
-from harness.numerics import plan_budget
-from harness.timing import Clock, interleaved, percentile
+from harness.numerics import bounded_measurement, plan_budget
+from harness.timing import Clock, interleaved, percentile, read_bandwidth
 from qwen3_vl.checkpoint import hf_state_dict
 from qwen3_vl.config import parameter_count, preset
 from qwen3_vl.hardware.device import storage_and_compute
@@ -80,18 +81,6 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 1
             dst.copy_(src)
         times.append(clock.samples[0])
     return 2 * nbytes / min(times)
-
-
-def read_bandwidth(nbytes: int = 1 << 30, seconds: float = 1.0) -> float:
-    """Bytes per second of a sum over ``nbytes`` of fp32 (more than every cache), best of ~1 s."""
-    x = torch.ones(nbytes // 4)
-    x.sum()
-    best, deadline = float("inf"), time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        start = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - start)
-    return nbytes / best
 
 
 def quant_bytes_per_weight(plan, storage: torch.dtype) -> float:
@@ -171,12 +160,8 @@ def declared_bounds(plan, dtype: str) -> dict[str, float]:
 def teacher_forced_error(engine: Engine, reference: Engine, inputs: dict) -> dict[str, float]:
     """``engine`` vs ``reference`` fed the reference's generated tokens: relative logits error, mean
     KL(ref || ours) and top-1 agreement over the prefill's last position and every decode step."""
-    ours = teacher_forced_logits(engine.model, inputs, reference.tokens)
-    ref = teacher_forced_logits(reference.model, inputs, reference.tokens)
-    log_p, log_q = ref.log_softmax(-1), ours.log_softmax(-1)
-    return {"logits_rel": ((ours - ref).abs().max() / ref.abs().max()).item(),
-            "kl": (log_p.exp() * (log_p - log_q)).sum(-1).mean().item(),
-            "top1_agreement": (ours.argmax(-1) == ref.argmax(-1)).double().mean().item()}
+    return compare(teacher_forced_logits(engine.model, inputs, reference.tokens),
+                   teacher_forced_logits(reference.model, inputs, reference.tokens))
 
 
 def transformers_engines(config, state_dict, dtype, device, paths=("sdpa", "static")) -> list[Engine]:
@@ -365,16 +350,9 @@ def main(argv: list[str] | None = None) -> int:
                 scores = teacher_forced_error(engine, first, inputs)
                 row.update(scores)
                 bounds = declared_bounds(engine.plan, args.dtype) if first.plan == registry.reference_plan() else {}
-                for k, v in scores.items():
-                    higher = k == "top1_agreement"
-                    bound = bounds.get(k)
-                    ok = bound is None or (v >= bound if higher else v <= bound)
-                    if not ok:
-                        row.setdefault("outside_budget", []).append(f"{k} {v:.3g} vs {bound:g}")
-                    measurements.append(results.Measurement(
-                        k, v, "", status="ok" if ok else "failed", bound=bound, better="higher" if higher else "lower",
-                        error="" if ok else f"outside the plan's declared budget ({k} {'>=' if higher else '<='} "
-                                            f"{bound:g}) on this workload"))
+                checked = [bounded_measurement(k, v, bounds.get(k)) for k, v in scores.items()]
+                measurements += checked
+                row["outside_budget"] = [m.error for m in checked if m.status != "ok"]
             if mem is not None:
                 measurements.append(results.Measurement("cuda_allocated_peak", mem, "B", better="lower"))
         table.append(row)

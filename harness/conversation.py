@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from harness.numerics import bounded_measurement
 from qwen3_vl.model.positions import mrope_positions
 
 
@@ -88,10 +89,11 @@ def conversation(model, prompt: Prompt, steps: int = 64, turn2: int = 8, steps2:
 
 def compare(ours: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
     """Relative logits error (max|d| / max|ref|), mean next-token KL(ref || ours), top-1 agreement."""
-    log_p, log_q = ref.float().log_softmax(-1), ours.float().log_softmax(-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1, dtype=torch.float64)
+    ours, ref = ours.double(), ref.double()
+    log_p, log_q = ref.log_softmax(-1), ours.log_softmax(-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
     return {
-        "logits_rel": ((ours.double() - ref.double()).abs().max() / ref.double().abs().max()).item(),
+        "logits_rel": ((ours - ref).abs().max() / ref.abs().max()).item(),
         "kl": max(kl.mean().item(), 0.0),
         "top1_agreement": (ours.argmax(-1) == ref.argmax(-1)).double().mean().item(),
     }
@@ -112,10 +114,5 @@ def named_prompt(name: str, config, seed: int = 3) -> Prompt:
 
 def within_budget(metrics: dict[str, float], budget: dict[str, float]) -> list[str]:
     """Violations: agreement metrics are lower bounds, the others upper bounds."""
-    bad = []
-    for name, bound in budget.items():
-        value = metrics[name]
-        ok = value >= bound if name == "top1_agreement" else value <= bound
-        if not ok:
-            bad.append(f"{name}={value:.4g} (budget {bound})")
-    return bad
+    checked = (bounded_measurement(name, metrics[name], bound) for name, bound in budget.items())
+    return [m.error for m in checked if m.status != "ok"]

@@ -121,6 +121,20 @@ def _nvml() -> Any | None:
         return None
 
 
+def nvml_process_used(index: int) -> int | None:
+    """This process's memory on torch's CUDA device ``index`` right now, per NVML (None without it)."""
+    nvml = _nvml()
+    if nvml is None:
+        return None
+    try:
+        return process_used_bytes(nvml, nvml_handle(nvml, index), os.getpid())
+    except Exception:
+        return None
+    finally:
+        with contextlib.suppress(Exception):
+            nvml.nvmlShutdown()
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -159,9 +173,9 @@ def peak(fn: Callable[[], Any], device: str | torch.device = "cpu") -> tuple[Any
     finally:
         for _, s in samplers:
             s.__exit__(None, None, None)
-    if nvml is not None:
-        with contextlib.suppress(Exception):
-            nvml.nvmlShutdown()  # balances the nvmlInit of _nvml()
+        if nvml is not None:
+            with contextlib.suppress(Exception):
+                nvml.nvmlShutdown()  # balances the nvmlInit of _nvml(), also when fn raised
     peaks = {name: s.peak for name, s in samplers}
     rss_peak = _vm_hwm() if exact_rss else peaks["rss"]
     out = [

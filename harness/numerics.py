@@ -102,7 +102,8 @@ def _within(metric: str, value: float, bound: float) -> bool:
     return value >= bound if metric in HIGHER_IS_BETTER else value <= bound
 
 
-def _measure(metric: str, value: float, bound: float | None, unit: str = "", what: str = "") -> Measurement:
+def bounded_measurement(metric: str, value: float, bound: float | None, unit: str = "", what: str = "") -> Measurement:
+    """``value`` with its bound: failed, naming both, when outside it (agreement metrics are lower bounds)."""
     better = "higher" if metric in HIGHER_IS_BETTER else "lower"
     if bound is None:
         return Measurement(metric, value, unit, better=better)
@@ -189,7 +190,7 @@ def compare_models(model, reference, prompt: Prompt, new_tokens: int, fp32_refer
                 bound = EXACT_FP32 if metric == "logits_rel" and dtype == "fp32" and case != "prefill_vs_fp32" else None
             else:
                 bound = bounds.get(metric) if checked is None or metric in checked else None
-            out.append((case, _measure(metric, value, bound, "ratio" if "rel" in metric else "")))
+            out.append((case, bounded_measurement(metric, value, bound, "ratio" if "rel" in metric else "")))
 
     ours = _forward(model, prompt)
     tokens, steps, _ = generate(model, prompt, new_tokens)
@@ -197,13 +198,13 @@ def compare_models(model, reference, prompt: Prompt, new_tokens: int, fp32_refer
     add("decode", logit_metrics(*decode_pairs(steps, ref["steps"], tokens, ref["tokens"])), DECODE_CHECKED)
     match = (tokens == ref["tokens"]).float().mean().item()
     greedy_bound = (1.0 if dtype == "fp32" else None) if exact else bounds.get("greedy_match")
-    out.append(("generate", _measure("greedy_match", match, greedy_bound, "fraction")))
+    out.append(("generate", bounded_measurement("greedy_match", match, greedy_bound, "fraction")))
     if lowp:
         out.append(("prefill_vs_fp32", Measurement("reference_rel", noise["logits_rel"], "ratio", better="lower")))
         ours32 = logit_metrics(*comparable(ours, ref["prefill_fp32"], prompt))
         if exact:
             rule = max(FLOOR["fp32"], 2 * noise["logits_rel"])
-            out.append(("prefill_vs_fp32", _measure("logits_rel", ours32["logits_rel"], rule, "ratio",
+            out.append(("prefill_vs_fp32", bounded_measurement("logits_rel", ours32["logits_rel"], rule, "ratio",
                                                     "error vs the fp32 reference (2x rule)")))
         else:
             add("prefill_vs_fp32", ours32)

@@ -148,6 +148,19 @@ def interleaved(
     return out
 
 
+def read_bandwidth(nbytes: int = 1 << 30, seconds: float = 1.0) -> float:
+    """Bytes per second of a sum over ``nbytes`` of fp32 (more than every cache), best of ~``seconds``,
+    with the current threads: what a memory-bound CPU decode step can read."""
+    x = torch.ones(nbytes // 4)
+    x.sum()
+    best, deadline = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return nbytes / best
+
+
 def percentile(samples: list[float], q: float) -> float:
     """Linear-interpolated percentile (q in 0..100) of the samples."""
     data = sorted(samples)

@@ -40,7 +40,6 @@ Results go to the results store under this machine's fingerprint (suite ``memory
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import gc
 import json
@@ -58,6 +57,7 @@ import qwen3_vl
 from harness import fingerprint as fingerprint_mod
 from harness import memory, results, timing
 from harness.conversation import compare, conversation, named_prompt, within_budget
+from harness.numerics import bounded_measurement
 from qwen3_vl.hardware import emulate as emulation
 from qwen3_vl.hardware.profiles import Profile, get_profile
 from qwen3_vl.model.positions import mrope_positions
@@ -76,29 +76,10 @@ DECODE_PLANS = ("reference", "kv_cache=static", "quant=int8_weight", "quant=int8
 # decode
 
 
-def memory_bandwidth(seconds: float = 1.0) -> float:
-    """Read bandwidth (bytes/s) of a 512 MiB fp32 sum, best of a few, with the current threads."""
-    x = torch.ones(128 * 1024 * 1024)
-    best, deadline = float("inf"), time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        t = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t)
-    return x.numel() * 4 / best
-
-
 def bytes_per_step(model) -> int:
     """Weight bytes a decode step reads: the decoder layers, the final norm and the output matrix."""
     return module_bytes(model.language_model.layers) + module_bytes(model.language_model.norm) + \
         module_bytes(model.lm_head)
-
-
-def kl_top1_rel(ours: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
-    ours, ref = ours.double(), ref.double()
-    lp, lq = ref.log_softmax(-1), ours.log_softmax(-1)
-    return {"kl": (lp.exp() * (lp - lq)).sum(-1).mean().item(),
-            "top1_agreement": (ours.argmax(-1) == ref.argmax(-1)).double().mean().item(),
-            "logits_rel": ((ours - ref).abs().max() / ref.abs().max()).item()}
 
 
 @torch.inference_mode()
@@ -131,7 +112,7 @@ def decode_part(args, plans: list[str]) -> list[dict]:
         return run
 
     timed = timing.interleaved({p: target(p) for p in plans}, args.rounds, args.warmup, args.device)
-    bandwidth = memory_bandwidth() if args.device == "cpu" else None
+    bandwidth = timing.read_bandwidth(512 << 20) if args.device == "cpu" else None
     rows = []
     base = timed[plans[0]].clock
     for p in plans:
@@ -139,7 +120,7 @@ def decode_part(args, plans: list[str]) -> list[dict]:
         ms = statistics.median(clock.samples) * 1e3 if clock.samples else float("nan")
         ratios = timing.round_ratios(base, clock)  # reference time / this plan's time, per round
         nbytes = bytes_per_step(m)
-        err = kl_top1_rel(torch.stack(logits[p][args.warmup:]), torch.stack(logits[plans[0]][args.warmup:]))
+        err = compare(torch.stack(logits[p][args.warmup:]), torch.stack(logits[plans[0]][args.warmup:]))
         rows.append({"plan": p, "ms_per_token": ms, "tokens_per_s": 1e3 / ms,
                      "speedup_vs_reference": statistics.median(ratios) if ratios else float("nan"),
                      "bytes_per_step": nbytes,
@@ -275,19 +256,14 @@ def run_plan_on_gpu(source: str, dtype: str, plan: str, budget: int | None, ids:
     index = torch.cuda.current_device() if cuda else None
     if emulate is not None and budget is not None:
         emulate = dataclasses.replace(emulate, memory_bytes=budget)  # a card of exactly the budget's size
-    nvml = handle = context = None
+    context = None
     if cuda:
         total = torch.cuda.get_device_properties(index).total_memory
         gc.collect()
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(index)
         if budget is not None:
             torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), index)
-        nvml = memory._nvml()
-        if nvml is not None:
-            with contextlib.suppress(Exception):
-                handle = memory.nvml_handle(nvml, index)
-                context = memory.process_used_bytes(nvml, handle, os.getpid())  # CUDA context + cached blocks
+        context = memory.nvml_process_used(index)  # CUDA context, libraries and cached blocks
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def work():
@@ -320,12 +296,9 @@ def run_plan_on_gpu(source: str, dtype: str, plan: str, budget: int | None, ids:
         del model, cache
         return torch.stack(out), row
 
-    sampler = memory._Sampler(lambda: memory.process_used_bytes(nvml, handle, os.getpid()), 0.002) \
-        if handle is not None else None
     try:
-        with sampler or contextlib.nullcontext():
-            logits, row = work()
-        row["nvml_process_peak"] = sampler.peak if sampler is not None else None
+        (logits, row), peaks = memory.peak(work, device)  # resets the allocator's peak; samples NVML
+        row["nvml_process_peak"] = next((m.value for m in peaks if m.metric == "nvml_process_used_peak"), None)
         row["nvml_before"] = context
         return logits, row
     except Exception as exc:  # OOM or a budget error: reported, not fatal
@@ -334,12 +307,10 @@ def run_plan_on_gpu(source: str, dtype: str, plan: str, budget: int | None, ids:
         gc.collect()
         if emulate is not None:
             emulation.restore()
-        if nvml is not None:
-            with contextlib.suppress(Exception):
-                nvml.nvmlShutdown()
         if cuda:
             torch.cuda.set_per_process_memory_fraction(1.0, index)
             torch.cuda.empty_cache()
+
 
 def offload_part(args) -> list[dict]:
     if args.device != "cuda":
@@ -376,7 +347,7 @@ def offload_part(args) -> list[dict]:
                 if base is None:
                     base, forced = logits, logits.argmax(-1).tolist()
                 row["bitwise_equal_to_resident"] = bool(torch.equal(logits, base))
-                row.update(kl_top1_rel(logits, base))
+                row.update(compare(logits, base))
                 row["within_budget"] = budget is None or args.device != "cuda" or row["peak_allocated"] <= budget
             rows.append(row)
             state = row["error"] or (f"peak {human(row['peak_allocated'])}"
@@ -459,13 +430,9 @@ def store(args, decode_rows, kv_rows, rss_rows, offload_rows, kv_error_rows=()) 
         params = {"positions": r["positions"], "ref_kv_bytes": r["ref_kv_bytes"]}
         err_run = dataclasses.replace(run, preset=args.kv_error_preset, dtype="fp32")
         for metric, value in r["metrics"].items():
-            bound = r["budget"].get(metric)
-            higher = metric == "top1_agreement"
-            ok = bound is None or (value >= bound if higher else value <= bound)
-            rows.append(results.make_row(err_run, "cpu", SUITE, "kv_error", M(
-                metric, value, "", status="ok" if ok else "failed", bound=bound, better="higher" if higher else "lower",
-                error="" if ok else f"outside the declared budget ({metric} {'>=' if higher else '<='} {bound:g})"),
-                plan, params, (), repro))
+            rows.append(results.make_row(err_run, "cpu", SUITE, "kv_error",
+                                         bounded_measurement(metric, value, r["budget"].get(metric)), plan, params,
+                                         (), repro))
         rows.append(results.make_row(err_run, "cpu", SUITE, "kv_error", M("kv_bytes", r["kv_bytes"], "B",
                                                                            better="lower"), plan, params, (), repro))
     for r in rss_rows:
