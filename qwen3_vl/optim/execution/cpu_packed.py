@@ -8,7 +8,7 @@ else a step does. Measured on the 2-core CI machine (one thread, mini, every wei
 weights ``F.linear`` about 15 GB/s, oneDNN's prepacked bf16 matmul about 32 GB/s; and the model's
 own fp16-storage path (each weight cast to fp32 whole, every call) about 2 GB/s.
 
-Kernels (``kernel`` parameter; ``auto`` picks by the weights' storage dtype):
+Kernels (``kernel`` parameter; ``auto`` takes the first of ``available_kernels(storage)``):
 
 - ``mkl`` (fp32 weights): ``torch.ops.mkl._mkl_linear`` on a copy of the weight packed by MKL for
   one row; inputs of other row counts (prefill) take ``F.linear`` on the original weight, which
@@ -16,6 +16,10 @@ Kernels (``kernel`` parameter; ``auto`` picks by the weights' storage dtype):
 - ``mkldnn`` (fp32 or bf16 weights): oneDNN's prepacked matmul (``torch.ops.mkldnn``) for every
   row count; the packed weight replaces the original (a tied output matrix keeps the original
   for the embedding lookups).
+- ``avx2`` (fp32, fp16 or bf16 weights): our GEMV (``qwen3_vl/kernels``) for decode rows, fp32
+  accumulation; fp16/bf16 weights are held in its eight-row interleaved layout (replacing the
+  original), which reads 23 GB/s of fp16 on the CI machine against ``fp16_chunks``' 15; prefill
+  takes PyTorch's GEMMs (fp16/bf16: the ``fp16_chunks`` block cast from the interleaved copy).
 - ``fp16_chunks`` (fp16 storage, fp32 compute): the weight is cast to fp32 a block of rows at a
   time into a buffer that stays in cache, then multiplied in fp32: the same products as the
   reference's whole-matrix cast, reading 2 bytes per weight instead of 10 (read, write, re-read).
@@ -42,12 +46,14 @@ import torch
 import torch.nn.functional as F
 
 from qwen3_vl.generate import DecodeRequest, decode_loop
+from qwen3_vl.kernels import cpu_gemv
 from qwen3_vl.model.layers import Linear, apply_rotary
 from qwen3_vl.model.text import AttentionMask, DecoderLayer
 from qwen3_vl.optim.execution.fusion import fuse_projections
 from qwen3_vl.optim.plan import Optimization, Requirements, Target
+from qwen3_vl.optim.quant.weights import SMALL_BATCH_ROWS
 
-KERNELS = ("auto", "mkl", "mkldnn", "fp16_chunks", "none")
+KERNELS = ("auto", "avx2", "mkl", "mkldnn", "fp16_chunks", "none")
 CHUNK_BYTES = 1 << 20  # fp32 rows cast at a time by fp16_chunks: about one core's L2
 
 
@@ -71,10 +77,15 @@ def _mkldnn_packs(storage: torch.dtype) -> bool:
 
 
 def available_kernels(storage: torch.dtype) -> list[str]:
-    """Kernels that run here for weights stored as ``storage``, fastest measured first."""
+    """Kernels that run here for weights stored as ``storage``, fastest measured first.
+
+    On the AVX2 CI machine (mini fp32) ``avx2`` and ``mkldnn`` decode at the same speed, both at the
+    read bandwidth, and oneDNN's packed weights prefill faster, so oneDNN leads where it packs."""
     found = []
     if storage in (torch.float32, torch.bfloat16) and _has_mkldnn_linear() and _mkldnn_packs(storage):
         found.append("mkldnn")
+    if storage in (torch.float32, torch.float16, torch.bfloat16) and cpu_gemv.unavailable_reason() is None:
+        found.append("avx2")
     if storage == torch.float32 and _has_mkl_linear():
         found.append("mkl")
     if storage == torch.float16:
@@ -103,16 +114,35 @@ def mkldnn_kernel(mod: PackedLinear, x: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), mod.packed, mod.bias, "none", [], "")
 
 
+def avx2_kernel(mod: PackedLinear, x: torch.Tensor) -> torch.Tensor:
+    """Decode rows through our GEMV (fp16/bf16 weights in ``pack8``'s layout, fp32 row-major);
+    prefill through PyTorch's GEMMs."""
+    if x.shape[0] > SMALL_BATCH_ROWS:
+        if mod.packed is None:
+            return F.linear(x, mod.weight.to(x.dtype), None if mod.bias is None else mod.bias.to(x.dtype))
+        if x.dtype == torch.float32:
+            return fp16_chunks_kernel(mod, x)
+        return F.linear(x, cpu_gemv.unpack8(mod.packed).to(x.dtype), None if mod.bias is None else mod.bias.to(x.dtype))
+    x32 = x.float().contiguous()
+    out = cpu_gemv.gemv(x32, mod.weight) if mod.packed is None else cpu_gemv.gemv_packed8(x32, mod.packed)
+    if mod.bias is not None:
+        out += mod.bias.float()
+    return out.to(x.dtype)
+
+
 def fp16_chunks_kernel(mod: PackedLinear, x: torch.Tensor) -> torch.Tensor:
-    weight = mod.weight
-    rows = weight.shape[0]
+    packed = getattr(mod, "packed", None)  # avx2's interleaved copy, read back a block at a time
+    rows = mod.out_features
     out = torch.empty(x.shape[0], rows, dtype=x.dtype)
     buffer = mod.buffer  # [rows per block, k] fp32, shared by every layer of this width
     step = buffer.shape[0]
     for start in range(0, rows, step):
         end = min(rows, start + step)
         block = buffer[: end - start]
-        block.copy_(weight[start:end])
+        if packed is None:
+            block.copy_(mod.weight[start:end])
+        else:
+            block.view(-1, 8, block.shape[1]).copy_(packed[start // 8 : end // 8].transpose(1, 2))
         torch.mm(x, block.T, out=out[:, start:end])
     if mod.bias is not None:
         out += mod.bias.to(out.dtype)
@@ -134,14 +164,30 @@ def pack_linear(linear: Linear, kernel: str, buffers: dict[int, torch.Tensor], k
             linear.weight = torch.nn.Parameter(weight.new_empty(0), requires_grad=False)
             return 0
         return weight.numel() * weight.element_size()
+    if kernel == "avx2":
+        linear.kernel = avx2_kernel
+        linear.packed = None
+        if weight.dtype == torch.float32 or weight.shape[0] % 8:
+            return 0  # fp32: the row-major kernel reads at the bandwidth already (gemv_avx2.cpp)
+        linear.packed = cpu_gemv.pack8(weight)
+        if not keep_weight:
+            linear.weight = torch.nn.Parameter(weight.new_empty(0), requires_grad=False)
+        _chunk_buffer(linear, buffers)
+        return weight.numel() * weight.element_size() if keep_weight else 0
     if kernel == "fp16_chunks":
-        k = weight.shape[1]
-        if k not in buffers:
-            buffers[k] = torch.empty(max(16, CHUNK_BYTES // (4 * k)), k, dtype=torch.float32)
-        linear.buffer = buffers[k]
         linear.kernel = fp16_chunks_kernel
+        _chunk_buffer(linear, buffers)
         return 0
     raise ValueError(f"unknown kernel {kernel}")
+
+
+def _chunk_buffer(linear: Linear, buffers: dict[int, torch.Tensor]) -> None:
+    """Give ``linear`` the fp32 block buffer for its input width, shared by every layer of that width
+    (a multiple of 8 rows, so blocks of ``pack8``'s layout fit)."""
+    k = linear.in_features
+    if k not in buffers:
+        buffers[k] = torch.empty(max(2, CHUNK_BYTES // (32 * k)) * 8, k, dtype=torch.float32)
+    linear.buffer = buffers[k]
 
 
 def rms_norm(x: torch.Tensor, norm) -> torch.Tensor:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import qwen3_vl
+from qwen3_vl.kernels import cpu_gemv
 from qwen3_vl.optim.execution import cpu_packed
 from qwen3_vl.optim.execution.cpu_packed import LeanDecoderLayer, PackedLinear, available_kernels
 from qwen3_vl.optim.plan import Plan, Target, conflicts_of, resolve
@@ -50,12 +51,15 @@ def test_fp32_kernels_give_the_reference_tokens_and_logits(tiny_checkpoint, ours
     assert all(isinstance(layer, LeanDecoderLayer) for layer in model.language_model.layers)
 
 
-def test_fp16_storage_is_exact_against_the_fp16_reference(tiny_checkpoint, prompt):
+@pytest.mark.parametrize("kernel", [k for k in available_kernels(torch.float16) if k != "none"])
+def test_fp16_storage_is_exact_against_the_fp16_reference(tiny_checkpoint, prompt, kernel):
     ids, inputs = prompt
     ref = qwen3_vl.from_pretrained(tiny_checkpoint, dtype="fp16")
-    model = qwen3_vl.from_pretrained(tiny_checkpoint, dtype="fp16", plan=f"{BASE},execution=cpu_packed")
-    assert model.execution.describe()["kernel"] == "fp16_chunks"
-    assert model.lm_head.weight.dtype == torch.float16  # still 2 bytes a weight in memory
+    plan = f"{BASE},execution=cpu_packed[kernel={kernel}]"
+    model = qwen3_vl.from_pretrained(tiny_checkpoint, dtype="fp16", plan=plan)
+    assert model.execution.describe()["kernel"] == kernel
+    stored = getattr(model.lm_head, "packed", None) if kernel == "avx2" else model.lm_head.weight
+    assert stored.dtype == torch.float16  # still 2 bytes a weight in memory
     assert torch.equal(generate(model, ids, inputs), generate(ref, ids, inputs))
     assert relative_error(model(ids, **inputs), ref(ids, **inputs)) <= 1e-5
 
@@ -82,8 +86,12 @@ def test_a_wrong_packed_weight_is_caught(tiny_checkpoint, ours_tiny, kernel):
         return m.step(m.language_model.embed_tokens(token), position, None, m.new_cache(1, 4))
 
     assert relative_error(one_step(model), one_step(ours_tiny)) <= 1e-5
-    model.lm_head.packed.mul_(1.001) if kernel == "mkl" else model.lm_head.packed.copy_(
-        (model.lm_head.packed.to_dense() * 1.001).to_mkldnn())
+    if kernel == "mkl":
+        model.lm_head.packed.mul_(1.001)
+    elif kernel == "mkldnn":
+        model.lm_head.packed.copy_((model.lm_head.packed.to_dense() * 1.001).to_mkldnn())
+    else:  # avx2 reads fp32 weights where they are
+        model.lm_head.weight.mul_(1.001)
     assert relative_error(one_step(model), one_step(ours_tiny)) > 1e-5
 
 
@@ -125,14 +133,15 @@ def test_bad_parameters_and_combinations_are_refused(tiny_checkpoint):
     assert "memory=resident" in conflicts_of(Plan.parse("memory=offload_disk,execution=cpu_packed"))[0]
 
 
-def test_bf16_without_onednn_bf16_packs_nothing(tiny_checkpoint, monkeypatch):
-    """An AVX2 CPU (the i5-10210U) has no oneDNN bf16 path: auto leaves bf16 weights unpacked, and
-    asking for mkldnn names what runs instead."""
+def test_bf16_without_onednn_bf16_takes_our_kernel_or_nothing(tiny_checkpoint, monkeypatch):
+    """An AVX2 CPU (the i5-10210U) has no oneDNN bf16 path: auto takes our AVX2 kernel where it
+    builds, else leaves bf16 weights unpacked, and asking for mkldnn names what runs instead."""
     monkeypatch.setattr(cpu_packed, "_mkldnn_packs", lambda storage: storage != torch.bfloat16)
-    assert available_kernels(torch.bfloat16) == ["none"]
+    ours = ["avx2"] if cpu_gemv.unavailable_reason() is None else []
+    assert available_kernels(torch.bfloat16) == [*ours, "none"]
     model = qwen3_vl.from_pretrained(tiny_checkpoint, dtype="bf16", plan=f"{BASE},execution=cpu_packed")
-    assert model.execution.describe()["kernel"] == "none"
-    with pytest.raises(ValueError, match="available: none"):
+    assert model.execution.describe()["kernel"] == [*ours, "none"][0]
+    with pytest.raises(ValueError, match=r"available: (avx2, )?none"):
         qwen3_vl.from_pretrained(tiny_checkpoint, dtype="bf16", plan=f"{BASE},execution=cpu_packed[kernel=mkldnn]")
 
 

@@ -1,0 +1,92 @@
+"""Our own matrix-vector kernel for CPU decode on AVX2 machines (``gemv_avx2.cpp``).
+
+Why: a batch-1 decode step reads every text weight once, so its floor is bytes / memory bandwidth.
+On AVX2 CPUs without AVX-512 (the i5-10210U class) PyTorch's fp32 GEMV paths read 13-17 GB/s of
+the 27 GB/s the 2-core CI machine measures, and its int8 weight-only kernel (``int8pack``) rounds
+activations to bf16. Both kernels keep fp32 activations and accumulation for fp32, fp16, bf16 and
+int8 weights (int8 with one scale per output row) and thread through ATen's OpenMP pool (so
+``torch.set_num_threads`` applies): ``gemv`` reads the usual row-major ``[N, K]`` weight (best for
+fp32), ``gemv_packed8`` a copy made by ``pack8`` with eight rows interleaved (best for the 1- and
+2-byte types; the measurements are in ``gemv_avx2.cpp``).
+
+Built on first use with the machine's C++ compiler through ``torch.utils.cpp_extension`` (needs
+ninja and g++/clang; about 12 s on the CI machine, then cached under ``TORCH_EXTENSIONS_DIR``).
+Unavailable (no AVX2/FMA/F16C, not x86, no compiler, build error): ``unavailable_reason()`` says
+why and the options that use it fall back to PyTorch's kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+
+import torch
+
+from qwen3_vl.hardware.detect import detect_machine
+
+SOURCE = os.path.join(os.path.dirname(__file__), "gemv_avx2.cpp")
+_NEEDS = ("avx2", "fma", "f16c")
+
+
+@functools.cache
+def _load() -> tuple[object | None, str | None]:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None, f"the AVX2 GEMV kernel is x86-only; this CPU is {platform.machine()}"
+    missing = [f for f in _NEEDS if f not in detect_machine().cpu_flags]
+    if missing:
+        return None, f"the AVX2 GEMV kernel needs {', '.join(missing)}, which this CPU lacks"
+    if os.environ.get("QWEN3_VL_NO_CPU_KERNELS"):
+        return None, "QWEN3_VL_NO_CPU_KERNELS is set"
+    try:
+        from torch.utils.cpp_extension import load
+
+        load(name="qwen3_vl_cpu_gemv", sources=[SOURCE], is_python_module=False,
+             extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"], extra_ldflags=["-fopenmp"])
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return None, f"building the AVX2 GEMV kernel failed ({type(e).__name__}: {first[:200]})"
+    return torch.ops.qwen3_vl_cpu, None
+
+
+def unavailable_reason() -> str | None:
+    """None when ``gemv`` runs here, else why not (building it on the first call)."""
+    return _load()[1]
+
+
+def _ops():
+    ops, reason = _load()
+    if ops is None:
+        raise RuntimeError(reason)
+    return ops
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [B, K] fp32 @ (weight [N, K] * scale[:, None]).T -> [B, N] fp32``; weight fp32, fp16, bf16
+    or int8 (int8 with ``scale``, one fp32 per row). Meant for small B (decode): each weight row
+    is read from memory once and reused from cache for the other rows of ``x``."""
+    return _ops().gemv(x, weight, scale)
+
+
+def gemv_packed8(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``gemv`` on a weight laid out by ``pack8``."""
+    return _ops().gemv_packed8(x, packed, scale)
+
+
+def pack8(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> [N/8, K, 8]: eight consecutive rows interleaved (N must be a multiple of 8)."""
+    n, k = weight.shape
+    if n % 8:
+        raise ValueError(f"pack8 needs a multiple of 8 rows, got {n}")
+    return weight.view(n // 8, 8, k).transpose(1, 2).contiguous()
+
+
+def unpack8(packed: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
+    """Rows ``start:end`` (multiples of 8) of the [N, K] matrix ``pack8`` interleaved, as a view where it can."""
+    blocks = packed[start // 8 : None if end is None else end // 8]
+    return blocks.transpose(1, 2).reshape(-1, packed.shape[1])
+
+
+def packed8_rows(packed: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows ``ids`` of the matrix ``pack8`` interleaved: [len(ids), K]."""
+    return packed[ids // 8, :, ids % 8]

@@ -1,0 +1,99 @@
+"""Our AVX2 GEMV kernels: the product of fp32 activations with fp32/fp16/bf16/int8 weights in both
+layouts, against float64 math on the same stored weights (properties over shapes, batch rows and
+dtypes); bad arguments refused with the problem named; a CPU without the ISA gets a reason."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qwen3_vl.hardware.detect import Machine
+from qwen3_vl.kernels import cpu_gemv
+
+pytestmark = pytest.mark.skipif(cpu_gemv.unavailable_reason() is not None,
+                                reason=f"AVX2 GEMV kernel unavailable: {cpu_gemv.unavailable_reason()}")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int8]
+
+
+def case(n: int, k: int, b: int, dtype: torch.dtype, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, k, generator=gen)
+    if dtype == torch.int8:
+        w = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+        scale = torch.rand(n, generator=gen) / 127
+    else:
+        w, scale = torch.randn(n, k, generator=gen).to(dtype), None
+    dense = w.double() * (1 if scale is None else scale.double()[:, None])
+    return x, w, scale, x.double() @ dense.T
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
+
+
+@settings(max_examples=40, deadline=None)
+@given(n8=st.integers(1, 40), k=st.integers(1, 300), b=st.integers(1, 5), dtype=st.sampled_from(DTYPES),
+       seed=st.integers(0, 2**16))
+def test_both_layouts_compute_the_product_of_the_stored_weights(n8, k, b, dtype, seed):
+    """Any K (the 8-wide main loop and its scalar tail), any row count, up to 5 input rows: fp32
+    accumulation of the same products, so float-reassociation error only."""
+    x, w, scale, exact = case(8 * n8, k, b, dtype, seed)
+    assert rel(cpu_gemv.gemv(x, w, scale), exact) <= 1e-5
+    assert rel(cpu_gemv.gemv_packed8(x, cpu_gemv.pack8(w), scale), exact) <= 1e-5
+
+
+@given(n=st.integers(1, 37), k=st.integers(1, 50))
+def test_row_major_handles_row_counts_that_are_not_multiples_of_four(n, k):
+    x, w, scale, exact = case(n, k, 1, torch.float32, 0)
+    assert rel(cpu_gemv.gemv(x, w, scale), exact) <= 1e-5
+
+
+@given(n8=st.integers(1, 20), k=st.integers(1, 40), seed=st.integers(0, 100))
+def test_pack8_round_trips_and_reads_rows_back(n8, k, seed):
+    w = torch.randn(8 * n8, k, generator=torch.Generator().manual_seed(seed))
+    packed = cpu_gemv.pack8(w)
+    assert torch.equal(cpu_gemv.unpack8(packed), w)
+    assert torch.equal(cpu_gemv.unpack8(packed, 8, 8 * n8), w[8:])
+    ids = torch.randint(0, 8 * n8, (7,), generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(cpu_gemv.packed8_rows(packed, ids), w[ids])
+
+
+def test_a_wrong_weight_is_caught():
+    """Planted fault: one weight changed after packing moves that output and only that output."""
+    x, w, scale, exact = case(64, 96, 1, torch.int8, 1)
+    packed = cpu_gemv.pack8(w)
+    packed[2, 5, 3] += 1  # row 2*8+3, column 5
+    out = cpu_gemv.gemv_packed8(x, packed, scale).double()
+    moved = ((out - exact).abs() > 1e-5 * exact.abs().max()).nonzero()[:, 1].tolist()
+    assert moved == [19]
+
+
+def test_bad_arguments_name_the_problem():
+    w = torch.randn(16, 8)
+    with pytest.raises(RuntimeError, match=r"x must be \[B, 8\]"):
+        cpu_gemv.gemv(torch.randn(1, 9), w)
+    with pytest.raises(RuntimeError, match="fp32 x"):
+        cpu_gemv.gemv(torch.randn(1, 8, dtype=torch.float64), w)
+    with pytest.raises(RuntimeError, match="one value per output row"):
+        cpu_gemv.gemv(torch.randn(1, 8), w.to(torch.int8), torch.ones(3))
+    with pytest.raises(RuntimeError, match="fp32, fp16, bf16 or int8"):
+        cpu_gemv.gemv(torch.randn(1, 8), w.double())
+    with pytest.raises(RuntimeError, match=r"\[N/8, K, 8\]"):
+        cpu_gemv.gemv_packed8(torch.randn(1, 8), w)
+    with pytest.raises(ValueError, match="multiple of 8 rows"):
+        cpu_gemv.pack8(torch.randn(12, 8))
+
+
+def test_a_cpu_without_avx2_gets_the_reason(monkeypatch):
+    plain = Machine("old cpu", frozenset({"avx"}), 2, 2, 1 << 30, ())
+    monkeypatch.setattr(cpu_gemv, "detect_machine", lambda: plain)
+    cpu_gemv._load.cache_clear()
+    try:
+        assert "avx2, fma, f16c" in cpu_gemv.unavailable_reason()
+        with pytest.raises(RuntimeError, match="lacks"):
+            cpu_gemv.gemv(torch.randn(1, 8), torch.randn(8, 8))
+    finally:
+        cpu_gemv._load.cache_clear()
