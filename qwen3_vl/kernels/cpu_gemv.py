@@ -87,6 +87,11 @@ def unpack8(packed: torch.Tensor, start: int = 0, end: int | None = None) -> tor
     return blocks.transpose(1, 2).reshape(-1, packed.shape[1])
 
 
+def unpack8_float(packed: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
+    """``unpack8(packed, start, end)`` converted to fp32 in one vectorized pass (prefill's GEMM input)."""
+    return _ops().unpack8_float(packed, start, packed.shape[0] * 8 if end is None else end)
+
+
 def packed8_rows(packed: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Rows ``ids`` of the matrix ``pack8`` interleaved: [len(ids), K]."""
     return packed[ids // 8, :, ids % 8]

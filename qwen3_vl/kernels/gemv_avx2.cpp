@@ -122,6 +122,41 @@ void gemv_packed8(const float* x, const typename W::T* w, const float* scale, fl
   });
 }
 
+// Rows [row0, row0 + rows) of a pack8 matrix back to row-major fp32 (the prefill path's GEMM input):
+// eight k-steps of a block are converted as eight vectors, transposed in registers and stored as
+// eight-float pieces of eight rows, so the copy runs at vector speed instead of a strided gather.
+template <typename W>
+void unpack8_float(const typename W::T* w, float* out, int64_t blocks, int64_t K) {
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const typename W::T* p = w + blk * 8 * K;
+      float* o = out + blk * 8 * K;
+      int64_t k = 0;
+      for (; k + 8 <= K; k += 8) {
+        __m256 r[8];
+        for (int i = 0; i < 8; ++i) r[i] = W::load8(p + (k + i) * 8);  // r[i][j] = w[row j, k + i]
+        __m256 t[8], u[8];
+        for (int i = 0; i < 8; i += 2) {
+          t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+          t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+        }
+        for (int i = 0; i < 8; i += 4) {
+          u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+          u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+          u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+          u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+        }
+        for (int j = 0; j < 4; ++j) {
+          _mm256_storeu_ps(o + j * K + k, _mm256_permute2f128_ps(u[j], u[j + 4], 0x20));
+          _mm256_storeu_ps(o + (j + 4) * K + k, _mm256_permute2f128_ps(u[j], u[j + 4], 0x31));
+        }
+      }
+      for (; k < K; ++k)
+        for (int j = 0; j < 8; ++j) o[j * K + k] = W::load1(p + k * 8 + j);
+    }
+  });
+}
+
 // The checks both entry points share; returns the scale pointer (null without one).
 const float* check_args(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& scale, int64_t N,
                         int64_t K) {
@@ -171,6 +206,26 @@ at::Tensor gemv_op(const at::Tensor& x, const at::Tensor& w, const c10::optional
   return dispatch<RowMajor>(x, w, s, w.size(0), w.size(1));
 }
 
+at::Tensor unpack8_float_op(const at::Tensor& w, int64_t start, int64_t end) {
+  TORCH_CHECK(w.dim() == 3 && w.size(2) == 8 && w.is_contiguous() && w.device().is_cpu(),
+              "unpack8_float: w must be a contiguous CPU [N/8, K, 8], got ", w.sizes());
+  TORCH_CHECK(start % 8 == 0 && end % 8 == 0 && 0 <= start && start <= end && end <= w.size(0) * 8,
+              "unpack8_float: rows ", start, ":", end, " must be multiples of 8 within ", w.size(0) * 8);
+  const int64_t K = w.size(1), blocks = (end - start) / 8;
+  at::Tensor out = at::empty({end - start, K}, w.options().dtype(at::kFloat));
+  const int64_t offset = start * K;
+  switch (w.scalar_type()) {
+    case at::kFloat: unpack8_float<F32>(w.data_ptr<float>() + offset, out.data_ptr<float>(), blocks, K); break;
+    case at::kHalf: unpack8_float<F16>(w.data_ptr<at::Half>() + offset, out.data_ptr<float>(), blocks, K); break;
+    case at::kBFloat16:
+      unpack8_float<BF16>(w.data_ptr<at::BFloat16>() + offset, out.data_ptr<float>(), blocks, K);
+      break;
+    case at::kChar: unpack8_float<I8>(w.data_ptr<int8_t>() + offset, out.data_ptr<float>(), blocks, K); break;
+    default: TORCH_CHECK(false, "unpack8_float: weights must be fp32, fp16, bf16 or int8, got ", w.scalar_type());
+  }
+  return out;
+}
+
 at::Tensor gemv_packed8_op(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& scale) {
   TORCH_CHECK(w.dim() == 3 && w.size(2) == 8, "gemv_packed8: w must be [N/8, K, 8], got ", w.sizes());
   const float* s = check_args(x, w, scale, w.size(0) * 8, w.size(1));
@@ -182,8 +237,10 @@ at::Tensor gemv_packed8_op(const at::Tensor& x, const at::Tensor& w, const c10::
 TORCH_LIBRARY(qwen3_vl_cpu, m) {
   m.def("gemv(Tensor x, Tensor w, Tensor? scale) -> Tensor");
   m.def("gemv_packed8(Tensor x, Tensor w, Tensor? scale) -> Tensor");
+  m.def("unpack8_float(Tensor w, int start, int end) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(qwen3_vl_cpu, CPU, m) {
   m.impl("gemv", &gemv_op);
   m.impl("gemv_packed8", &gemv_packed8_op);
+  m.impl("unpack8_float", &unpack8_float_op);
 }

@@ -61,6 +61,17 @@ def test_pack8_round_trips_and_reads_rows_back(n8, k, seed):
     assert torch.equal(cpu_gemv.packed8_rows(packed, ids), w[ids])
 
 
+@given(n8=st.integers(1, 12), k=st.integers(1, 70), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 100))
+def test_unpack8_float_converts_any_row_range_exactly(n8, k, dtype, seed):
+    w = case(8 * n8, k, 1, dtype, seed)[1]
+    packed = cpu_gemv.pack8(w)
+    assert torch.equal(cpu_gemv.unpack8_float(packed), w.float())
+    start, end = sorted((8 * torch.randint(0, n8 + 1, (2,), generator=torch.Generator().manual_seed(seed))).tolist())
+    assert torch.equal(cpu_gemv.unpack8_float(packed, start, end), w[start:end].float())
+    with pytest.raises(RuntimeError, match="multiples of 8"):
+        cpu_gemv.unpack8_float(packed, 3, 8)
+
+
 def test_a_wrong_weight_is_caught():
     """Planted fault: one weight changed after packing moves that output and only that output."""
     x, w, scale, exact = case(64, 96, 1, torch.int8, 1)

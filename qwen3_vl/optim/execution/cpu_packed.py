@@ -122,7 +122,8 @@ def avx2_kernel(mod: PackedLinear, x: torch.Tensor) -> torch.Tensor:
             return F.linear(x, mod.weight.to(x.dtype), None if mod.bias is None else mod.bias.to(x.dtype))
         if x.dtype == torch.float32:
             return fp16_chunks_kernel(mod, x)
-        return F.linear(x, cpu_gemv.unpack8(mod.packed).to(x.dtype), None if mod.bias is None else mod.bias.to(x.dtype))
+        weight = cpu_gemv.unpack8_float(mod.packed).to(x.dtype)
+        return F.linear(x, weight, None if mod.bias is None else mod.bias.to(x.dtype))
     x32 = x.float().contiguous()
     out = cpu_gemv.gemv(x32, mod.weight) if mod.packed is None else cpu_gemv.gemv_packed8(x32, mod.packed)
     if mod.bias is not None:
@@ -139,10 +140,7 @@ def fp16_chunks_kernel(mod: PackedLinear, x: torch.Tensor) -> torch.Tensor:
     for start in range(0, rows, step):
         end = min(rows, start + step)
         block = buffer[: end - start]
-        if packed is None:
-            block.copy_(mod.weight[start:end])
-        else:
-            block.view(-1, 8, block.shape[1]).copy_(packed[start // 8 : end // 8].transpose(1, 2))
+        block.copy_(mod.weight[start:end] if packed is None else cpu_gemv.unpack8_float(packed, start, end))
         torch.mm(x, block.T, out=out[:, start:end])
     if mod.bias is not None:
         out += mod.bias.to(out.dtype)

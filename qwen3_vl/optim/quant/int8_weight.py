@@ -41,13 +41,20 @@ def weight_rows(mod: QuantLinear, start: int = 0, end: int | None = None) -> tor
     return mod.weight[start:end]
 
 
+def _codes_as(mod: QuantLinear, dtype: torch.dtype, start: int = 0, end: int | None = None) -> torch.Tensor:
+    """Rows ``start:end`` of the int8 codes as a [rows, K] ``dtype`` matrix (unscaled)."""
+    if mod.weight.dim() == 3:  # pack8's layout: converted back in one vectorized pass
+        return cpu_gemv.unpack8_float(mod.weight, start, min(end or mod.out_features, mod.out_features)).to(dtype)
+    return mod.weight[start:end].to(dtype)
+
+
 def dequant_kernel(mod: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     rows = mod.out_features
     if rows <= _CHUNK_ROWS:
-        return F.linear(x, weight_rows(mod).to(x.dtype)) * mod.scale.to(x.dtype)
+        return F.linear(x, _codes_as(mod, x.dtype)) * mod.scale.to(x.dtype)
     out = torch.empty(x.shape[0], rows, dtype=x.dtype, device=x.device)
     for s in range(0, rows, _CHUNK_ROWS):
-        out[:, s : s + _CHUNK_ROWS] = F.linear(x, weight_rows(mod, s, s + _CHUNK_ROWS).to(x.dtype))
+        out[:, s : s + _CHUNK_ROWS] = F.linear(x, _codes_as(mod, x.dtype, s, s + _CHUNK_ROWS))
     return out.mul_(mod.scale.to(x.dtype))
 
 
