@@ -291,8 +291,8 @@ OPTION = Optimization(
     axis="execution",
     exact=True,
     summary=(
-        "CPU decode and prefill: text weights prepacked for MKL/oneDNN GEMV kernels (fp16 storage cast in "
-        "cached blocks), fused q/k/v and gate/up projections, fewer operations per layer; optional thread count."
+        "CPU decode and prefill: text weights prepacked for oneDNN/MKL or read by our AVX2 GEMV (fp16/bf16 storage "
+        "interleaved for it), fused q/k/v and gate/up projections, fewer operations per layer; optional thread count."
     ),
     build=lambda model, target, **params: CpuPackedExecution(model, target, **params),
     requires=Requirements(devices=("cpu",)),

@@ -144,7 +144,7 @@ OPTION = Optimization(
     axis="quant",
     exact=False,
     summary="int8 weights with per-output-channel scales (linears, output matrix, tied embedding); "
-    "fbgemm / int8pack kernels on CPU, dequantize-then-matmul on GPU.",
+    "our AVX2 kernel (fp32 activations) or PyTorch's int8pack / fbgemm on CPU, dequantize-then-matmul on GPU.",
     build=lambda model, target, **params: Int8Weights(model, target, **params),
     # Measured on a seeded 64-step multimodal conversation: tiny KL 2.9e-4, top-1 95-97%, logits_rel
     # 0.048; mini KL 2.3e-4. Random weights give near-tied logits, so top-1 flips easily: mini's
