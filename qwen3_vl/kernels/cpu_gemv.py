@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import types
 
 import torch
 
@@ -46,7 +47,10 @@ def _load() -> tuple[object | None, str | None]:
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return None, f"building the AVX2 GEMV kernel failed ({type(e).__name__}: {first[:200]})"
-    return torch.ops.qwen3_vl_cpu, None
+    ns = torch.ops.qwen3_vl_cpu  # resolved once: each attribute lookup on torch.ops costs microseconds
+    ops = types.SimpleNamespace(**{name: getattr(ns, name) for name in ("gemv", "gemv_packed8", "unpack8_float",
+                                                                       "rms_norm")})
+    return ops, None
 
 
 def unavailable_reason() -> str | None:
@@ -90,6 +94,12 @@ def unpack8(packed: torch.Tensor, start: int = 0, end: int | None = None) -> tor
 def unpack8_float(packed: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
     """``unpack8(packed, start, end)`` converted to fp32 in one vectorized pass (prefill's GEMM input)."""
     return _ops().unpack8_float(packed, start, packed.shape[0] * 8 if end is None else end)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x * rsqrt(mean(x**2, -1) + eps) * weight`` for contiguous fp32 ``x``, one thread: for the few
+    rows of a decode step, where PyTorch's composite op costs more in dispatch than in work."""
+    return _ops().rms_norm(x, weight, eps)
 
 
 def packed8_rows(packed: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -72,6 +72,16 @@ def test_unpack8_float_converts_any_row_range_exactly(n8, k, dtype, seed):
         cpu_gemv.unpack8_float(packed, 3, 8)
 
 
+@given(rows=st.integers(1, 20), h=st.integers(1, 300), eps=st.sampled_from([1e-6, 1e-5]), seed=st.integers(0, 100))
+def test_rms_norm_matches_the_float64_formula(rows, h, eps, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x, w = torch.randn(rows, h, generator=gen) * 3, torch.randn(h, generator=gen)
+    exact = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + eps) * w.double()
+    assert rel(cpu_gemv.rms_norm(x, w, eps), exact) <= 1e-6
+    with pytest.raises(RuntimeError, match="last dimension"):
+        cpu_gemv.rms_norm(x, torch.ones(h + 1), eps)
+
+
 def test_a_wrong_weight_is_caught():
     """Planted fault: one weight changed after packing moves that output and only that output."""
     x, w, scale, exact = case(64, 96, 1, torch.int8, 1)
