@@ -44,7 +44,7 @@ for s in "$@"; do
     memory) stage memory 420 python -m suites.bench_memory_quant --device cuda --dtype fp16 --parts offload,decode,kv \
               --offload-presets 2b,8b --results-dir "$RES" ;;
     pascal)  # a 2 GiB / 4 GiB Pascal card emulated on this GPU; one process (and one stored run) per preset
-      for pt in 2b:130 4b:180 8b:240; do p=${pt%:*}
+      for pt in 2b:200 4b:280 8b:420; do p=${pt%:*}
         stage "pascal-$p" "${pt#*:}" python -m suites.bench_memory_quant --device cuda --dtype fp16 --parts offload \
           --emulate sm61-laptop --offload-presets "$p" --results-dir "$RES"
       done ;;

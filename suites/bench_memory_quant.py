@@ -20,7 +20,8 @@ Parts (``--parts``, comma-separated):
 - ``rss``: peak RSS of a short generation from a saved checkpoint, ``resident`` vs
   ``offload_disk``, each in a fresh process.
 - ``offload`` (CUDA): for each preset, ``resident`` vs ``offload_cpu`` / ``offload_disk`` without
-  and with the planner's budgets: logits bitwise equal to resident, peak allocated vs budget (the
+  and with the planner's budgets: logits bitwise equal to resident (prefill, 64 decode steps, a
+  second 8-token turn on the same cache and 8 more steps), peak allocated vs budget (the
   budget is also enforced with ``set_per_process_memory_fraction``), this process's NVML peak (which
   also holds the CUDA context, outside the allocator's reach), tokens/s, bytes copied per token; and
   the quantized plans' error and speed on the GPU. With ``--emulate sm61-laptop`` every row but the
@@ -245,10 +246,13 @@ def rss_part(args) -> list[dict]:
 
 @torch.inference_mode()
 def run_plan_on_gpu(source: str, dtype: str, plan: str, budget: int | None, ids: torch.Tensor, new_tokens: int,
-                    device: str = "cuda", forced: list[int] | None = None, emulate: Profile | None = None):
+                    device: str = "cuda", forced: list[int] | None = None, emulate: Profile | None = None,
+                    turn2: torch.Tensor | None = None):
     """Build + prefill + decode under an optional hard cap; returns logits, timing, peaks. Greedy,
     or fed the ``forced`` tokens (the reference's), so every plan's logits have the same context.
     ``emulate``: run under that hardware profile, on a card of ``budget`` bytes when one is given.
+    ``turn2`` ([1, T] ids): after the decode steps, a second user turn prefilled onto the same cache,
+    then ``new_tokens // 8`` more steps (their logits are returned too; the timing is the first turn's).
 
     ``device="cpu"`` is a dry run of this code path (no caps, no device peaks; offload_cpu falls back).
     """
@@ -269,7 +273,8 @@ def run_plan_on_gpu(source: str, dtype: str, plan: str, budget: int | None, ids:
     def work():
         model = qwen3_vl.from_pretrained(source, plan=plan, device=device, dtype=dtype, seed=0,
                                          emulate=emulate if cuda else None)
-        cache = model.new_cache(1, ids.shape[1] + new_tokens + 1)
+        more = 0 if turn2 is None else new_tokens // 8
+        cache = model.new_cache(1, ids.shape[1] + new_tokens + (0 if turn2 is None else turn2.shape[1] + more) + 1)
         pos, _ = mrope_positions(ids, model.config)
         emb = model.language_model.embed_tokens(ids.to(model.device)).to(model.compute_dtype)
         out = [model.step(emb, pos, None, cache, logits_to_keep=1)[0, -1].float().cpu()]
@@ -282,6 +287,17 @@ def run_plan_on_gpu(source: str, dtype: str, plan: str, budget: int | None, ids:
             out.append(model.step(emb, p, None, cache)[0, -1].float().cpu())
         sync()
         seconds = time.perf_counter() - t
+        if turn2 is not None:  # the second turn: T new positions on the same cache, then more steps
+            start = ids.shape[1] + new_tokens
+            emb = model.language_model.embed_tokens(turn2.to(model.device)).to(model.compute_dtype)
+            p = torch.arange(start, start + turn2.shape[1], device=model.device).view(1, 1, -1).expand(3, 1, -1)
+            out.append(model.step(emb, p, None, cache, logits_to_keep=1)[0, -1].float().cpu())
+            for i in range(more):
+                j = new_tokens + 1 + i  # logits index of the step before: prefill, decode steps, turn 2
+                token = (out[-1].argmax() if forced is None else torch.tensor(forced[j])).view(1, 1).to(model.device)
+                emb = model.language_model.embed_tokens(token).to(model.compute_dtype)
+                p = torch.full((3, 1, 1), start + turn2.shape[1] + i, device=model.device)
+                out.append(model.step(emb, p, None, cache)[0, -1].float().cpu())
         info = model.memory.describe()
         row = {"plan": str(model.plan.short_id), "requested": plan, "budget": budget,
                "emulated": model.target.emulated_profile or "",
@@ -316,6 +332,7 @@ def offload_part(args) -> list[dict]:
     if args.device != "cuda":
         print("\noffload: a dry run of the GPU check on this CPU (no device caps or peaks; offload_cpu falls back)")
     ids = torch.randint(0, 1000, (1, 64), generator=torch.Generator().manual_seed(0))
+    turn2 = torch.randint(0, 1000, (1, 8), generator=torch.Generator().manual_seed(1))  # the second user turn
     profile = get_profile(args.emulate) if args.emulate else None
     rows = []
     small = "context=1024;prefill=512"
@@ -341,7 +358,7 @@ def offload_part(args) -> list[dict]:
             # the resident reference runs on the whole card; every other row on the emulated one
             emulate = profile if profile is not None and plan != plans[0][0] else None
             logits, row = run_plan_on_gpu(folder, args.dtype, plan, budget, ids, args.offload_tokens, args.device,
-                                          forced, emulate)
+                                          forced, emulate, turn2)
             row["preset"] = preset
             if logits is not None:
                 if base is None:
@@ -484,7 +501,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rss-tokens", type=int, default=16)
     parser.add_argument("--kv-error-preset", default="tiny", help="kv_error part: the preset the conversation runs on")
     parser.add_argument("--offload-presets", default="2b,8b")
-    parser.add_argument("--offload-tokens", type=int, default=16)
+    parser.add_argument("--offload-tokens", type=int, default=64,
+                        help="decode steps per row; then a second 8-token turn and a eighth as many steps")
     parser.add_argument("--offload-base", default="attention=sdpa",
                         help="plan axes every offload row shares ('' for the reference attention)")
     parser.add_argument("--emulate", default=None,
