@@ -79,6 +79,10 @@ def fbgemm_kernel(mod: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     return torch.ops.quantized.linear_dynamic(x.float(), mod.packed, True).to(x.dtype)
 
 
+# Per-output-row buffers of the layouts these kernels read: concatenated along rows they stay exact,
+# so fusion.py can fuse q/k/v and gate/up (fbgemm's prepacked weight and int8pack's bf16 scales cannot).
+dequant_kernel.row_buffers = avx2_kernel.row_buffers = ("weight", "scale")
+
 KERNELS = {"dequant": dequant_kernel, "avx2": avx2_kernel, "int8pack": int8pack_kernel, "fbgemm": fbgemm_kernel}
 
 

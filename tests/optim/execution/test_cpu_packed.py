@@ -11,6 +11,7 @@ from qwen3_vl.kernels import cpu_gemv
 from qwen3_vl.optim.execution import cpu_packed
 from qwen3_vl.optim.execution.cpu_packed import LeanDecoderLayer, PackedLinear, available_kernels
 from qwen3_vl.optim.plan import Plan, Target, conflicts_of, resolve
+from qwen3_vl.optim.quant import int8_weight
 
 from ...model.prompts import image_prompt, left_pad, relative_error
 
@@ -97,12 +98,29 @@ def test_a_wrong_packed_weight_is_caught(tiny_checkpoint, ours_tiny, kernel):
 
 @pytest.mark.parametrize("other", ["quant=int8_weight", "kv_cache=h2o"])
 def test_options_it_leaves_alone_keep_their_results(tiny_checkpoint, prompt, other):
-    """Quantized layers keep their kernels (nothing to pack); H2O watches the queries, so its
-    layers run the reference code. Either way: the same tokens as the plan without cpu_packed."""
+    """Quantized layers keep their kernels (nothing to pack; int8's q/k/v and gate/up are fused); H2O
+    watches the queries, so its layers run the reference code. Either way: the same tokens as the
+    plan without cpu_packed."""
     ids, inputs = prompt
     plan = f"attention=sdpa,{other}"
     ref = qwen3_vl.from_pretrained(tiny_checkpoint, plan=plan)
     model = qwen3_vl.from_pretrained(tiny_checkpoint, plan=f"{plan},execution=cpu_packed")
+    assert torch.equal(generate(model, ids, inputs, 12), generate(ref, ids, inputs, 12))
+
+
+@pytest.mark.parametrize("kernel", ["dequant", "avx2", "fbgemm"])
+def test_int8_projections_fuse_where_their_rows_concatenate(tiny_checkpoint, prompt, kernel):
+    """int8 codes and per-row scales concatenate exactly, so q/k/v and gate/up become one module each
+    (logits within float reassociation of the unfused plan); fbgemm's prepacked weights cannot, and stay."""
+    if kernel not in int8_weight.available_kernels("cpu"):
+        pytest.skip(f"int8 kernel {kernel} does not run here")
+    ids, inputs = prompt
+    plan = f"attention=sdpa,quant=int8_weight[kernel={kernel}]"
+    ref = qwen3_vl.from_pretrained(tiny_checkpoint, plan=plan)
+    model = qwen3_vl.from_pretrained(tiny_checkpoint, plan=f"{plan},execution=cpu_packed")
+    fused = model.execution.describe()["fused_layers"]
+    assert fused == (0 if kernel == "fbgemm" else ref.config.text.num_hidden_layers)
+    assert relative_error(model(ids, **inputs), ref(ids, **inputs)) <= 1e-5
     assert torch.equal(generate(model, ids, inputs, 12), generate(ref, ids, inputs, 12))
 
 
