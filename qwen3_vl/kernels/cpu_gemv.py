@@ -49,7 +49,7 @@ def _load() -> tuple[object | None, str | None]:
         return None, f"building the AVX2 GEMV kernel failed ({type(e).__name__}: {first[:200]})"
     ns = torch.ops.qwen3_vl_cpu  # resolved once: each attribute lookup on torch.ops costs microseconds
     ops = types.SimpleNamespace(**{name: getattr(ns, name) for name in ("gemv", "gemv_packed8", "unpack8_float",
-                                                                       "rms_norm")})
+                                                                       "rms_norm", "qk_norm_rope")})
     return ops, None
 
 
@@ -100,6 +100,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``x * rsqrt(mean(x**2, -1) + eps) * weight`` for contiguous fp32 ``x``, one thread: for the few
     rows of a decode step, where PyTorch's composite op costs more in dispatch than in work."""
     return _ops().rms_norm(x, weight, eps)
+
+
+def qk_norm_rope(qkv: torch.Tensor, q_norm, k_norm, cos: torch.Tensor, sin: torch.Tensor, heads: int,
+                 kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decode rows of a fused q/k/v projection ``[R, (heads + 2 kv_heads) * d]`` -> q ``[R, heads, d]``
+    and k ``[R, kv_heads, d]`` RMS-normed per head (``q_norm``/``k_norm`` modules) and rotated by
+    ``cos``/``sin`` ``[R, d]``, and v ``[R, kv_heads, d]``; fp32, contiguous."""
+    return _ops().qk_norm_rope(qkv, q_norm.weight, k_norm.weight, q_norm.eps, k_norm.eps, cos, sin, heads, kv_heads)
 
 
 def packed8_rows(packed: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

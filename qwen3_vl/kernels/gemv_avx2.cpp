@@ -20,6 +20,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <tuple>
+#include <vector>
 
 namespace {
 
@@ -183,6 +185,24 @@ void rms_norm_rows(const float* x, const float* w, float* out, int64_t rows, int
   }
 }
 
+// One decode row of a fused q/k/v projection -> q and k RMS-normed per head (Qwen3's q_norm/k_norm)
+// and rotated (x*cos + rotate_half(x)*sin, halves split at d/2), v copied out: the ~12 small
+// PyTorch ops a layer spends here, in one call. Same formulas as the reference, element by element.
+void norm_rope_heads(const float* src, float* dst, int64_t heads, int64_t d, const float* w, float eps,
+                     const float* cos, const float* sin, float* tmp) {
+  const int64_t half = d / 2;
+  for (int64_t h = 0; h < heads; ++h) {
+    const float* x = src + h * d;
+    float* o = dst + h * d;
+    float ss = 0.f;
+    for (int64_t i = 0; i < d; ++i) ss += x[i] * x[i];
+    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(d) + eps);
+    for (int64_t i = 0; i < d; ++i) tmp[i] = (x[i] * inv) * w[i];
+    for (int64_t i = 0; i < half; ++i) o[i] = tmp[i] * cos[i] + (-tmp[i + half]) * sin[i];
+    for (int64_t i = half; i < d; ++i) o[i] = tmp[i] * cos[i] + tmp[i - half] * sin[i];
+  }
+}
+
 // The checks both entry points share; returns the scale pointer (null without one).
 const float* check_args(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& scale, int64_t N,
                         int64_t K) {
@@ -264,6 +284,34 @@ at::Tensor rms_norm_op(const at::Tensor& x, const at::Tensor& w, double eps) {
   return out;
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_op(const at::Tensor& qkv, const at::Tensor& qw,
+                                                                const at::Tensor& kw, double q_eps, double k_eps,
+                                                                const at::Tensor& cos, const at::Tensor& sin,
+                                                                int64_t hq, int64_t hk) {
+  for (const at::Tensor* t : {&qkv, &qw, &kw, &cos, &sin})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->device().is_cpu(),
+                "qk_norm_rope: contiguous fp32 CPU tensors expected");
+  const int64_t d = qw.numel(), R = qkv.size(0);
+  TORCH_CHECK(qkv.dim() == 2 && qkv.size(1) == (hq + 2 * hk) * d && kw.numel() == d && d % 2 == 0,
+              "qk_norm_rope: qkv must be [rows, (hq + 2 hk) * d] with even d = ", d, ", got ", qkv.sizes());
+  TORCH_CHECK(cos.numel() == R * d && sin.numel() == R * d, "qk_norm_rope: cos/sin must be [rows, d]");
+  at::Tensor q = at::empty({R, hq, d}, qkv.options()), k = at::empty({R, hk, d}, qkv.options()),
+             v = at::empty({R, hk, d}, qkv.options());
+  std::vector<float> tmp(d);
+  const int64_t width = (hq + 2 * hk) * d;
+  for (int64_t r = 0; r < R; ++r) {
+    const float* row = qkv.data_ptr<float>() + r * width;
+    const float* c = cos.data_ptr<float>() + r * d;
+    const float* s = sin.data_ptr<float>() + r * d;
+    norm_rope_heads(row, q.data_ptr<float>() + r * hq * d, hq, d, qw.data_ptr<float>(), static_cast<float>(q_eps), c,
+                    s, tmp.data());
+    norm_rope_heads(row + hq * d, k.data_ptr<float>() + r * hk * d, hk, d, kw.data_ptr<float>(),
+                    static_cast<float>(k_eps), c, s, tmp.data());
+    std::copy(row + (hq + hk) * d, row + width, v.data_ptr<float>() + r * hk * d);
+  }
+  return {q, k, v};
+}
+
 at::Tensor gemv_packed8_op(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& scale) {
   TORCH_CHECK(w.dim() == 3 && w.size(2) == 8, "gemv_packed8: w must be [N/8, K, 8], got ", w.sizes());
   const float* s = check_args(x, w, scale, w.size(0) * 8, w.size(1));
@@ -277,10 +325,13 @@ TORCH_LIBRARY(qwen3_vl_cpu, m) {
   m.def("gemv_packed8(Tensor x, Tensor w, Tensor? scale) -> Tensor");
   m.def("unpack8_float(Tensor w, int start, int end) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
+  m.def("qk_norm_rope(Tensor qkv, Tensor qw, Tensor kw, float q_eps, float k_eps, Tensor cos, Tensor sin, int hq, "
+        "int hk) -> (Tensor, Tensor, Tensor)");
 }
 TORCH_LIBRARY_IMPL(qwen3_vl_cpu, CPU, m) {
   m.impl("gemv", &gemv_op);
   m.impl("gemv_packed8", &gemv_packed8_op);
   m.impl("unpack8_float", &unpack8_float_op);
   m.impl("rms_norm", &rms_norm_op);
+  m.impl("qk_norm_rope", &qk_norm_rope_op);
 }

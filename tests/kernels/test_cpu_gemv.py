@@ -4,6 +4,8 @@ dtypes); bad arguments refused with the problem named; a CPU without the ISA get
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -11,6 +13,7 @@ from hypothesis import strategies as st
 
 from qwen3_vl.hardware.detect import Machine
 from qwen3_vl.kernels import cpu_gemv
+from qwen3_vl.model.layers import RMSNorm, apply_rotary
 
 pytestmark = pytest.mark.skipif(cpu_gemv.unavailable_reason() is not None,
                                 reason=f"AVX2 GEMV kernel unavailable: {cpu_gemv.unavailable_reason()}")
@@ -80,6 +83,29 @@ def test_rms_norm_matches_the_float64_formula(rows, h, eps, seed):
     assert rel(cpu_gemv.rms_norm(x, w, eps), exact) <= 1e-6
     with pytest.raises(RuntimeError, match="last dimension"):
         cpu_gemv.rms_norm(x, torch.ones(h + 1), eps)
+
+
+@given(rows=st.integers(1, 4), hk=st.integers(1, 4), groups=st.integers(1, 3), half=st.integers(1, 40),
+       seed=st.integers(0, 100))
+def test_qk_norm_rope_is_the_reference_norms_and_rotary(rows, hk, groups, half, seed):
+    d, hq = 2 * half, hk * groups
+    gen = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(rows, (hq + 2 * hk) * d, generator=gen) * 2
+    q_norm, k_norm = RMSNorm(d, 1e-6), RMSNorm(d, 1e-5)
+    with torch.no_grad():
+        q_norm.weight.copy_(torch.randn(d, generator=gen))
+        k_norm.weight.copy_(torch.randn(d, generator=gen))
+    angle = torch.rand(rows, d, generator=gen) * 100
+    cos, sin = angle.cos(), angle.sin()
+    q, k, v = cpu_gemv.qk_norm_rope(qkv, q_norm, k_norm, cos, sin, hq, hk)
+    parts = qkv.double().split([hq * d, hk * d, hk * d], dim=-1)
+    c, s = cos.double()[:, None], sin.double()[:, None]
+    q_ref = apply_rotary(copy.deepcopy(q_norm).double()(parts[0].view(rows, hq, d)), c, s)
+    k_ref = apply_rotary(copy.deepcopy(k_norm).double()(parts[1].view(rows, hk, d)), c, s)
+    assert rel(q, q_ref) <= 1e-6 and rel(k, k_ref) <= 1e-6
+    assert torch.equal(v, qkv[:, (hq + hk) * d :].view(rows, hk, d))
+    with pytest.raises(RuntimeError, match="qkv must be"):
+        cpu_gemv.qk_norm_rope(qkv[:, :-2].contiguous(), q_norm, k_norm, cos, sin, hq, hk)
 
 
 def test_a_wrong_weight_is_caught():

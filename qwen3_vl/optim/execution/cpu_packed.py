@@ -203,6 +203,15 @@ def rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
 
 
+def _one_call_qk(attn, h: torch.Tensor, cos: torch.Tensor) -> bool:
+    """Whether ``qk_norm_rope`` serves this call: one new token per row, fused q/k/v, fp32 on a CPU
+    where our kernels built, cos/sin one row of head_dim per sequence ([B, 1, 1, d] as the layers get them)."""
+    b, n, _ = h.shape
+    return (n == 1 and hasattr(attn, "qkv_sizes") and h.dtype == torch.float32 and h.device.type == "cpu"
+            and attn.q_norm.weight.dtype == torch.float32 and cos.dtype == torch.float32
+            and cos.numel() == b * attn.head_dim and cos.is_contiguous() and cpu_gemv.unavailable_reason() is None)
+
+
 class LeanDecoderLayer(DecoderLayer):
     """``DecoderLayer`` with the same arithmetic in fewer operations (see the module docstring).
 
@@ -215,11 +224,18 @@ class LeanDecoderLayer(DecoderLayer):
                 attn._forward_pre_hooks:
             return super().forward(x, cos, sin, mask, cache, attention)
         b, n, _ = x.shape
-        q, k, v = attn.project(rms_norm(x, self.input_layernorm))
-        q = rms_norm(q.view(b, n, -1, attn.head_dim), attn.q_norm).transpose(1, 2)
-        k = rms_norm(k.view(b, n, -1, attn.head_dim), attn.k_norm).transpose(1, 2)
-        v = v.view(b, n, -1, attn.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        h = rms_norm(x, self.input_layernorm)
+        if _one_call_qk(attn, h, cos):  # a decode step: norms and rotary of q/k in one kernel call
+            hq, hk = attn.qkv_sizes[0] // attn.head_dim, attn.qkv_sizes[1] // attn.head_dim
+            q, k, v = cpu_gemv.qk_norm_rope(attn.qkv_proj(h).view(b, -1), attn.q_norm, attn.k_norm,
+                                            cos.reshape(b, -1), sin.reshape(b, -1), hq, hk)
+            q, k, v = q.view(b, hq, 1, -1), k.view(b, hk, 1, -1), v.view(b, hk, 1, -1)
+        else:
+            q, k, v = attn.project(h)
+            q = rms_norm(q.view(b, n, -1, attn.head_dim), attn.q_norm).transpose(1, 2)
+            k = rms_norm(k.view(b, n, -1, attn.head_dim), attn.k_norm).transpose(1, 2)
+            v = v.view(b, n, -1, attn.head_dim).transpose(1, 2)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         k, v, key_valid = cache.update(attn.layer_idx, k, v)
         out = attention.text(q, k, v, AttentionMask(key_valid, mask.causal), attn.head_dim**-0.5)
         h = x + attn.o_proj(out.transpose(1, 2).reshape(b, n, -1))
