@@ -304,7 +304,9 @@ def run_plan_on_gpu(source: str, dtype: str, plan: str, budget: int | None, ids:
                "peak_allocated": torch.cuda.max_memory_allocated(index) if cuda else 0,
                "peak_reserved": torch.cuda.max_memory_reserved(index) if cuda else 0,
                "ms_per_token": seconds / new_tokens * 1e3,
-               "bytes_copied_per_token": info.get("bytes_copied", 0) / (new_tokens + 1),
+               # every forward streams: prefill, the decode steps, the second turn and its steps
+               "bytes_copied_per_token": info.get("bytes_copied", 0) / (new_tokens + 1 + (0 if turn2 is None
+                                                                                          else 1 + more)),
                "resident_layers": info.get("resident_layers"), "streamed_layers": info.get("streamed_layers"),
                "fallbacks": [str(f) for f in model.fallbacks], "error": ""}
         if hasattr(model.memory, "report"):
