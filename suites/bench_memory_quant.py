@@ -278,13 +278,17 @@ def run_plan_on_gpu(source: str, dtype: str, plan: str, budget: int | None, ids:
         pos, _ = mrope_positions(ids, model.config)
         emb = model.language_model.embed_tokens(ids.to(model.device)).to(model.compute_dtype)
         out = [model.step(emb, pos, None, cache, logits_to_keep=1)[0, -1].float().cpu()]
+
+        def decode(model, cache, steps: int, position: int) -> None:  # passed in: work() deletes its names
+            for i in range(steps):  # the next token: greedy, or the reference's after the same logits row
+                token = out[-1].argmax() if forced is None else torch.tensor(forced[len(out) - 1])
+                emb = model.language_model.embed_tokens(token.view(1, 1).to(model.device)).to(model.compute_dtype)
+                p = torch.full((3, 1, 1), position + i, device=model.device)
+                out.append(model.step(emb, p, None, cache)[0, -1].float().cpu())
+
         sync()
         t = time.perf_counter()
-        for i in range(new_tokens):
-            token = (out[-1].argmax() if forced is None else torch.tensor(forced[i])).view(1, 1).to(model.device)
-            emb = model.language_model.embed_tokens(token).to(model.compute_dtype)
-            p = torch.full((3, 1, 1), ids.shape[1] + i, device=model.device)
-            out.append(model.step(emb, p, None, cache)[0, -1].float().cpu())
+        decode(model, cache, new_tokens, ids.shape[1])
         sync()
         seconds = time.perf_counter() - t
         if turn2 is not None:  # the second turn: T new positions on the same cache, then more steps
@@ -292,21 +296,15 @@ def run_plan_on_gpu(source: str, dtype: str, plan: str, budget: int | None, ids:
             emb = model.language_model.embed_tokens(turn2.to(model.device)).to(model.compute_dtype)
             p = torch.arange(start, start + turn2.shape[1], device=model.device).view(1, 1, -1).expand(3, 1, -1)
             out.append(model.step(emb, p, None, cache, logits_to_keep=1)[0, -1].float().cpu())
-            for i in range(more):
-                j = new_tokens + 1 + i  # logits index of the step before: prefill, decode steps, turn 2
-                token = (out[-1].argmax() if forced is None else torch.tensor(forced[j])).view(1, 1).to(model.device)
-                emb = model.language_model.embed_tokens(token).to(model.compute_dtype)
-                p = torch.full((3, 1, 1), start + turn2.shape[1] + i, device=model.device)
-                out.append(model.step(emb, p, None, cache)[0, -1].float().cpu())
+            decode(model, cache, more, start + turn2.shape[1])
         info = model.memory.describe()
         row = {"plan": str(model.plan.short_id), "requested": plan, "budget": budget,
                "emulated": model.target.emulated_profile or "",
                "peak_allocated": torch.cuda.max_memory_allocated(index) if cuda else 0,
                "peak_reserved": torch.cuda.max_memory_reserved(index) if cuda else 0,
                "ms_per_token": seconds / new_tokens * 1e3,
-               # every forward streams: prefill, the decode steps, the second turn and its steps
-               "bytes_copied_per_token": info.get("bytes_copied", 0) / (new_tokens + 1 + (0 if turn2 is None
-                                                                                          else 1 + more)),
+               # every forward streams the weights and returns one logits row
+               "bytes_copied_per_token": info.get("bytes_copied", 0) / len(out),
                "resident_layers": info.get("resident_layers"), "streamed_layers": info.get("streamed_layers"),
                "fallbacks": [str(f) for f in model.fallbacks], "error": ""}
         if hasattr(model.memory, "report"):
