@@ -18,6 +18,7 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <tuple>
@@ -189,17 +190,14 @@ void rms_norm_rows(const float* x, const float* w, float* out, int64_t rows, int
 // and rotated (x*cos + rotate_half(x)*sin, halves split at d/2), v copied out: the ~12 small
 // PyTorch ops a layer spends here, in one call. Same formulas as the reference, element by element.
 void norm_rope_heads(const float* src, float* dst, int64_t heads, int64_t d, const float* w, float eps,
-                     const float* cos, const float* sin, float* tmp) {
+                     const float* cos, const float* sin, float* normed) {
+  rms_norm_rows(src, w, normed, heads, d, eps);  // every head of this row, into normed [heads, d]
   const int64_t half = d / 2;
   for (int64_t h = 0; h < heads; ++h) {
-    const float* x = src + h * d;
+    const float* n = normed + h * d;
     float* o = dst + h * d;
-    float ss = 0.f;
-    for (int64_t i = 0; i < d; ++i) ss += x[i] * x[i];
-    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(d) + eps);
-    for (int64_t i = 0; i < d; ++i) tmp[i] = (x[i] * inv) * w[i];
-    for (int64_t i = 0; i < half; ++i) o[i] = tmp[i] * cos[i] + (-tmp[i + half]) * sin[i];
-    for (int64_t i = half; i < d; ++i) o[i] = tmp[i] * cos[i] + tmp[i - half] * sin[i];
+    for (int64_t i = 0; i < half; ++i) o[i] = n[i] * cos[i] + (-n[i + half]) * sin[i];
+    for (int64_t i = half; i < d; ++i) o[i] = n[i] * cos[i] + n[i - half] * sin[i];
   }
 }
 
@@ -297,16 +295,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_op(const at::Tensor&
   TORCH_CHECK(cos.numel() == R * d && sin.numel() == R * d, "qk_norm_rope: cos/sin must be [rows, d]");
   at::Tensor q = at::empty({R, hq, d}, qkv.options()), k = at::empty({R, hk, d}, qkv.options()),
              v = at::empty({R, hk, d}, qkv.options());
-  std::vector<float> tmp(d);
+  std::vector<float> normed(std::max(hq, hk) * d);
   const int64_t width = (hq + 2 * hk) * d;
   for (int64_t r = 0; r < R; ++r) {
     const float* row = qkv.data_ptr<float>() + r * width;
     const float* c = cos.data_ptr<float>() + r * d;
     const float* s = sin.data_ptr<float>() + r * d;
     norm_rope_heads(row, q.data_ptr<float>() + r * hq * d, hq, d, qw.data_ptr<float>(), static_cast<float>(q_eps), c,
-                    s, tmp.data());
+                    s, normed.data());
     norm_rope_heads(row + hq * d, k.data_ptr<float>() + r * hk * d, hk, d, kw.data_ptr<float>(),
-                    static_cast<float>(k_eps), c, s, tmp.data());
+                    static_cast<float>(k_eps), c, s, normed.data());
     std::copy(row + (hq + hk) * d, row + width, v.data_ptr<float>() + r * hk * d);
   }
   return {q, k, v};
