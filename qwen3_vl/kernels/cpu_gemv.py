@@ -85,14 +85,9 @@ def pack8(weight: torch.Tensor) -> torch.Tensor:
     return weight.view(n // 8, 8, k).transpose(1, 2).contiguous()
 
 
-def unpack8(packed: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
-    """Rows ``start:end`` (multiples of 8) of the [N, K] matrix ``pack8`` interleaved, as a view where it can."""
-    blocks = packed[start // 8 : None if end is None else end // 8]
-    return blocks.transpose(1, 2).reshape(-1, packed.shape[1])
-
-
 def unpack8_float(packed: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
-    """``unpack8(packed, start, end)`` converted to fp32 in one vectorized pass (prefill's GEMM input)."""
+    """Rows ``start:end`` (multiples of 8) of the [N, K] matrix ``pack8`` interleaved, as fp32, in one
+    vectorized pass (prefill's GEMM input)."""
     return _ops().unpack8_float(packed, start, packed.shape[0] * 8 if end is None else end)
 
 

@@ -58,8 +58,8 @@ def test_row_major_handles_row_counts_that_are_not_multiples_of_four(n, k):
 def test_pack8_round_trips_and_reads_rows_back(n8, k, seed):
     w = torch.randn(8 * n8, k, generator=torch.Generator().manual_seed(seed))
     packed = cpu_gemv.pack8(w)
-    assert torch.equal(cpu_gemv.unpack8(packed), w)
-    assert torch.equal(cpu_gemv.unpack8(packed, 8, 8 * n8), w[8:])
+    assert torch.equal(cpu_gemv.unpack8_float(packed), w)
+    assert torch.equal(cpu_gemv.unpack8_float(packed, 8, 8 * n8), w[8:])
     ids = torch.randint(0, 8 * n8, (7,), generator=torch.Generator().manual_seed(seed))
     assert torch.equal(cpu_gemv.packed8_rows(packed, ids), w[ids])
 

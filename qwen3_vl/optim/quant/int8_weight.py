@@ -38,27 +38,22 @@ _CHUNK_ROWS = {"cpu": 512}
 _CHUNK_ROWS_DEFAULT = 8192
 
 
-def weight_rows(mod: QuantLinear, start: int = 0, end: int | None = None) -> torch.Tensor:
-    """int8 rows ``start:end`` as [rows, K], whichever layout the kernel keeps (``avx2``: ``pack8``'s)."""
+def codes_as(mod: QuantLinear, dtype: torch.dtype, start: int = 0, end: int | None = None) -> torch.Tensor:
+    """Rows ``start:end`` of the int8 codes as a [rows, K] ``dtype`` matrix (unscaled), whichever layout
+    the kernel keeps (``avx2``: ``pack8``'s, converted back in one vectorized pass)."""
     if mod.weight.dim() == 3:
-        return cpu_gemv.unpack8(mod.weight, start, end)
-    return mod.weight[start:end]
-
-
-def _codes_as(mod: QuantLinear, dtype: torch.dtype, start: int = 0, end: int | None = None) -> torch.Tensor:
-    """Rows ``start:end`` of the int8 codes as a [rows, K] ``dtype`` matrix (unscaled)."""
-    if mod.weight.dim() == 3:  # pack8's layout: converted back in one vectorized pass
-        return cpu_gemv.unpack8_float(mod.weight, start, min(end or mod.out_features, mod.out_features)).to(dtype)
+        end = mod.out_features if end is None else min(end, mod.out_features)
+        return cpu_gemv.unpack8_float(mod.weight, start, end).to(dtype)
     return mod.weight[start:end].to(dtype)
 
 
 def dequant_kernel(mod: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     rows, chunk = mod.out_features, _CHUNK_ROWS.get(x.device.type, _CHUNK_ROWS_DEFAULT)
     if rows <= chunk:
-        return F.linear(x, _codes_as(mod, x.dtype)) * mod.scale.to(x.dtype)
+        return F.linear(x, codes_as(mod, x.dtype)) * mod.scale.to(x.dtype)
     out = torch.empty(x.shape[0], rows, dtype=x.dtype, device=x.device)
     for s in range(0, rows, chunk):
-        out[:, s : s + chunk] = F.linear(x, _codes_as(mod, x.dtype, s, s + chunk))
+        out[:, s : s + chunk] = F.linear(x, codes_as(mod, x.dtype, s, s + chunk))
     return out.mul_(mod.scale.to(x.dtype))
 
 

@@ -68,8 +68,8 @@ INT8_KERNELS = {"dequant": 1e-5, "avx2": 1e-5, "int8pack": 1e-2, "fbgemm": 4e-2}
 def test_int8_kernels_compute_the_quantized_product(kernel, rows):
     linear, x = linear_case(rows=rows, bias=True)
     mod = int8_weight.make_linear(linear, kernel)
-    weight = int8_weight.weight_rows(mod)  # [N, K] whatever layout the kernel keeps
-    exact = x.double() @ (weight.double() * mod.scale.double()[:, None]).T + linear.bias.double()
+    codes = int8_weight.codes_as(mod, torch.float64)  # [N, K] whatever layout the kernel keeps
+    exact = x.double() @ (codes * mod.scale.double()[:, None]).T + linear.bias.double()
     err = ((mod(x).double() - exact).abs().max() / exact.abs().max()).item()
     assert err <= (INT8_KERNELS[kernel] if rows <= SMALL_BATCH_ROWS else 1e-5)  # prefill: exact activations
 
