@@ -49,7 +49,8 @@ def _load() -> tuple[object | None, str | None]:
         return None, f"building the AVX2 GEMV kernel failed ({type(e).__name__}: {first[:200]})"
     ns = torch.ops.qwen3_vl_cpu  # resolved once: each attribute lookup on torch.ops costs microseconds
     ops = types.SimpleNamespace(**{name: getattr(ns, name) for name in ("gemv", "gemv_packed8", "unpack8_float",
-                                                                       "rms_norm", "qk_norm_rope")})
+                                                                       "rms_norm", "qk_norm_rope", "silu_mul",
+                                                                       "decode_attention")})
     return ops, None
 
 
@@ -103,6 +104,21 @@ def qk_norm_rope(qkv: torch.Tensor, q_norm, k_norm, cos: torch.Tensor, sin: torc
     and k ``[R, kv_heads, d]`` RMS-normed per head (``q_norm``/``k_norm`` modules) and rotated by
     ``cos``/``sin`` ``[R, d]``, and v ``[R, kv_heads, d]``; fp32, contiguous."""
     return _ops().qk_norm_rope(qkv, q_norm.weight, k_norm.weight, q_norm.eps, k_norm.eps, cos, sin, heads, kv_heads)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of a fused gate/up projection ``[..., 2 I]`` (gate first) -> ``[..., I]``; fp32,
+    contiguous, one thread (decode rows). ``exp`` is Cephes' polynomial (within 2 ulp)."""
+    return _ops().silu_mul(gate_up)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
+                     scale: float) -> torch.Tensor:
+    """Softmax attention of one new query per sequence, ``q [B, Hq, 1, d]``, over cached ``k``/``v``
+    ``[B, Hkv, T, d]`` (grouped heads; strided views with a contiguous last dimension, as the static
+    cache returns them), keys with ``valid [B, T]`` False skipped; a head that sees no key gets the mean
+    of all values (eager's answer). fp32 on CPU; heads run in parallel only for long caches."""
+    return _ops().decode_attention(q, k, v, valid, scale)
 
 
 def packed8_rows(packed: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,10 @@
 //                 and one FMA covers eight outputs with no horizontal sums; prefetched 1 KiB ahead.
 //                 Measured on the 2-core AVX2 CI machine over mini's text weights: int8 19-22 GB/s
 //                 against 9.5 in the row-major kernel, fp16 23 GB/s against 15.
+// Software prefetch in the row-major kernel was tried (64 B to 4 KiB ahead, T0 and NTA hints) and
+// read 5-20% slower; weights in 2 MiB pages read 15% faster (qwen3_vl/hardware/huge_pages.py).
+// Beside the products, the small per-layer pieces of a decode step (where PyTorch's dispatch costs
+// more than the arithmetic): rms_norm, qk_norm_rope, silu_mul and decode_attention.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -201,6 +205,135 @@ void norm_rope_heads(const float* src, float* dst, int64_t heads, int64_t d, con
   }
 }
 
+// exp(x) for eight floats: Cephes' expf (range reduction by ln 2 in two parts, degree-5 polynomial,
+// within 2 ulp of the true value over the clamped range); inputs below -87.3 give about 1e-38, not 0.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.7f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+inline float exp1(float x) {
+  float out[8];
+  _mm256_storeu_ps(out, exp8(_mm256_set1_ps(x)));
+  return out[0];
+}
+
+// silu(gate) * up for rows of a fused gate/up projection [R, 2I] -> [R, I] (the MLP's activation),
+// single-threaded: a decode step's rows are a few thousand floats.
+void silu_mul_rows(const float* gu, float* out, int64_t R, int64_t I) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  for (int64_t r = 0; r < R; ++r) {
+    const float* g = gu + r * 2 * I;
+    const float* u = g + I;
+    float* o = out + r * I;
+    int64_t i = 0;
+    for (; i + 8 <= I; i += 8) {
+      const __m256 gv = _mm256_loadu_ps(g + i);
+      const __m256 silu = _mm256_div_ps(gv, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv))));
+      _mm256_storeu_ps(o + i, _mm256_mul_ps(silu, _mm256_loadu_ps(u + i)));
+    }
+    for (; i < I; ++i) o[i] = (g[i] / (1.0f + exp1(-g[i]))) * u[i];
+  }
+}
+
+inline float dot(const float* a, const float* b, int64_t d) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= d; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float s = hsum(acc);
+  for (; i < d; ++i) s += a[i] * b[i];
+  return s;
+}
+
+constexpr int64_t kParallelWork = int64_t{1} << 16;  // key-dims per head chunk before heads go parallel
+
+// Eight horizontal sums at once: lane j of the result is the sum of a[j]'s lanes.
+inline __m256 hsum8(const __m256* a) {
+  const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
+}
+
+// One query head of a decode step over T cached keys (rows ks apart, values vs apart):
+// out = sum_t softmax_t(scale * q.k_t) v_t over the keys with valid[t * valid_stride] (all when
+// valid is null). A head that sees no key gets the mean of all T values: what eager's masked
+// softmax gives (a constant row), which every attention option reproduces. Scores go eight keys
+// at a time (one accumulator per key, summed across lanes together); values 32 dimensions at a time
+// with the output kept in registers.
+void attend_one(const float* q, const float* k, const float* v, int64_t ks, int64_t vs, const bool* valid,
+                int64_t valid_stride, int64_t T, int64_t d, float scale, float* scores, float* out) {
+  int64_t t = 0;
+  if (d % 8 == 0) {
+    for (; t + 8 <= T; t += 8) {
+      __m256 acc[8];
+      for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+      for (int64_t i = 0; i < d; i += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + i);
+        for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(k + (t + j) * ks + i), qv, acc[j]);
+      }
+      _mm256_storeu_ps(scores + t, _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(scale)));
+    }
+  }
+  for (; t < T; ++t) scores[t] = dot(q, k + t * ks, d) * scale;
+  float m = -INFINITY;
+  for (t = 0; t < T; ++t) {
+    if (valid && !valid[t * valid_stride]) scores[t] = -INFINITY;
+    m = std::max(m, scores[t]);
+  }
+  float sum = 0.0f;
+  t = 0;
+  if (m == -INFINITY) {  // no valid key
+    for (; t < T; ++t) scores[t] = 1.0f;
+    sum = static_cast<float>(T);
+  } else {
+    const __m256 mv = _mm256_set1_ps(m);
+    __m256 acc = _mm256_setzero_ps();
+    for (; t + 8 <= T; t += 8) {  // masked keys: exp8 clamps to ~1e-38, so zero them explicitly
+      __m256 s = _mm256_loadu_ps(scores + t);
+      const __m256 keep = _mm256_cmp_ps(s, _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+      s = _mm256_and_ps(exp8(_mm256_sub_ps(s, mv)), keep);
+      _mm256_storeu_ps(scores + t, s);
+      acc = _mm256_add_ps(acc, s);
+    }
+    sum = hsum(acc);
+    for (; t < T; ++t) {
+      scores[t] = scores[t] == -INFINITY ? 0.0f : exp1(scores[t] - m);
+      sum += scores[t];
+    }
+  }
+  const float inv = 1.0f / sum;
+  int64_t i0 = 0;
+  for (; d % 8 == 0 && i0 < d; i0 += 32) {
+    const int nb = static_cast<int>(std::min<int64_t>(4, (d - i0) / 8));
+    __m256 o[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (t = 0; t < T; ++t) {
+      if (scores[t] == 0.0f) continue;
+      const __m256 p = _mm256_set1_ps(scores[t]);
+      const float* vr = v + t * vs + i0;
+      for (int b = 0; b < nb; ++b) o[b] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8 * b), o[b]);
+    }
+    for (int b = 0; b < nb; ++b) _mm256_storeu_ps(out + i0 + 8 * b, _mm256_mul_ps(o[b], _mm256_set1_ps(inv)));
+  }
+  if (d % 8 != 0) {
+    std::fill(out, out + d, 0.0f);
+    for (t = 0; t < T; ++t)
+      for (int64_t i = 0; i < d; ++i) out[i] += scores[t] * v[t * vs + i];
+    for (int64_t i = 0; i < d; ++i) out[i] *= inv;
+  }
+}
+
 // The checks both entry points share; returns the scale pointer (null without one).
 const float* check_args(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& scale, int64_t N,
                         int64_t K) {
@@ -310,6 +443,60 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_op(const at::Tensor&
   return {q, k, v};
 }
 
+at::Tensor silu_mul_op(const at::Tensor& gu) {
+  TORCH_CHECK(gu.scalar_type() == at::kFloat && gu.is_contiguous() && gu.device().is_cpu() && gu.dim() >= 1 &&
+                  gu.size(-1) % 2 == 0,
+              "silu_mul: a contiguous fp32 CPU [..., 2 I] tensor expected, got ", gu.sizes());
+  auto sizes = gu.sizes().vec();
+  const int64_t I = sizes.back() / 2;
+  sizes.back() = I;
+  at::Tensor out = at::empty(sizes, gu.options());
+  silu_mul_rows(gu.data_ptr<float>(), out.data_ptr<float>(), I ? gu.numel() / (2 * I) : 0, I);
+  return out;
+}
+
+// q [B, Hq, 1, d]; k, v [B, Hkv, T, d] (any strides but a contiguous last dimension: the static
+// cache's views); valid [B, T] bool or None -> [B, Hq, 1, d]. Heads in parallel once a call is
+// big enough to pay for waking the thread pool (long conversations).
+at::Tensor decode_attention_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const c10::optional<at::Tensor>& valid, double scale) {
+  for (const at::Tensor* t : {&q, &k, &v})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu() && t->dim() == 4 && t->stride(3) == 1,
+                "decode_attention: fp32 CPU [B, H, L, d] tensors with a contiguous last dimension expected");
+  const int64_t B = q.size(0), Hq = q.size(1), d = q.size(3), Hkv = k.size(1), T = k.size(2);
+  TORCH_CHECK(q.size(2) == 1, "decode_attention: one query per sequence, got ", q.size(2));
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(3) == d && Hkv > 0 && Hq % Hkv == 0 && T > 0,
+              "decode_attention: k and v must be [", B, ", Hkv, T, ", d, "] with Hkv dividing ", Hq, "; got ",
+              k.sizes(), " and ", v.sizes());
+  const bool* vp = nullptr;
+  int64_t vb = 0, vt = 0;
+  if (valid.has_value()) {
+    TORCH_CHECK(valid->scalar_type() == at::kBool && valid->dim() == 2 && valid->size(0) == B &&
+                    valid->size(1) == T && valid->device().is_cpu(),
+                "decode_attention: valid must be a CPU bool [", B, ", ", T, "], got ", valid->sizes());
+    vp = valid->data_ptr<bool>();
+    vb = valid->stride(0);
+    vt = valid->stride(1);
+  }
+  at::Tensor out = at::empty({B, Hq, 1, d}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vvp = v.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t groups = Hq / Hkv;
+  const int64_t grain = std::max<int64_t>(1, kParallelWork / (T * d));
+  at::parallel_for(0, B * Hq, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(T);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / Hq, h = i % Hq, g = h / groups;
+      attend_one(qp + b * q.stride(0) + h * q.stride(1), kp + b * k.stride(0) + g * k.stride(1),
+                 vvp + b * v.stride(0) + g * v.stride(1), k.stride(2), v.stride(2), vp ? vp + b * vb : nullptr, vt, T,
+                 d, static_cast<float>(scale), scores.data(), op + i * d);
+    }
+  });
+  return out;
+}
+
 at::Tensor gemv_packed8_op(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& scale) {
   TORCH_CHECK(w.dim() == 3 && w.size(2) == 8, "gemv_packed8: w must be [N/8, K, 8], got ", w.sizes());
   const float* s = check_args(x, w, scale, w.size(0) * 8, w.size(1));
@@ -325,6 +512,8 @@ TORCH_LIBRARY(qwen3_vl_cpu, m) {
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("qk_norm_rope(Tensor qkv, Tensor qw, Tensor kw, float q_eps, float k_eps, Tensor cos, Tensor sin, int hq, "
         "int hk) -> (Tensor, Tensor, Tensor)");
+  m.def("silu_mul(Tensor gate_up) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? valid, float scale) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(qwen3_vl_cpu, CPU, m) {
   m.impl("gemv", &gemv_op);
@@ -332,4 +521,6 @@ TORCH_LIBRARY_IMPL(qwen3_vl_cpu, CPU, m) {
   m.impl("unpack8_float", &unpack8_float_op);
   m.impl("rms_norm", &rms_norm_op);
   m.impl("qk_norm_rope", &qk_norm_rope_op);
+  m.impl("silu_mul", &silu_mul_op);
+  m.impl("decode_attention", &decode_attention_op);
 }

@@ -108,6 +108,64 @@ def test_qk_norm_rope_is_the_reference_norms_and_rotary(rows, hk, groups, half, 
         cpu_gemv.qk_norm_rope(qkv[:, :-2].contiguous(), q_norm, k_norm, cos, sin, hq, hk)
 
 
+@given(rows=st.integers(1, 3), i=st.integers(1, 70), scale=st.sampled_from([1.0, 10.0, 60.0]), seed=st.integers(0, 100))
+def test_silu_mul_is_the_mlp_activation(rows, i, scale, seed):
+    """Any width (the 8-wide loop and its tail), inputs far into both tails of the sigmoid."""
+    gate_up = torch.randn(rows, 2 * i, generator=torch.Generator().manual_seed(seed)) * scale
+    gate, up = gate_up.double().chunk(2, dim=-1)
+    assert rel(cpu_gemv.silu_mul(gate_up), torch.nn.functional.silu(gate) * up) <= 1e-6
+
+
+def attention_reference(q, k, v, valid, scale):
+    """Float64 softmax attention with grouped heads; a row with no valid key gets the mean of the values."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.double().repeat_interleave(groups, 1), v.double().repeat_interleave(groups, 1)
+    scores = (q.double() @ k.transpose(-1, -2)) * scale
+    if valid is not None:
+        seen = valid[:, None, None, :]
+        scores = torch.where(seen.any(-1, keepdim=True), scores.masked_fill(~seen, float("-inf")), 0.0)
+    return scores.softmax(-1) @ v
+
+
+@settings(max_examples=60, deadline=None)
+@given(b=st.integers(1, 3), hk=st.integers(1, 3), groups=st.integers(1, 3), t=st.integers(1, 40),
+       d=st.sampled_from([4, 8, 12, 32, 64, 72]), masked=st.sampled_from(["none", "some", "a row with none"]),
+       seed=st.integers(0, 1000))
+def test_decode_attention_is_softmax_attention_over_the_cache(b, hk, groups, t, d, masked, seed):
+    """Grouped heads, any key count (eight-key blocks and the tail), head sizes on and off the
+    vector width, strided cache views as the static cache returns them, padding masks."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hk * groups, 1, d, generator=gen)
+    k = torch.randn(b, hk, t + 5, d, generator=gen)[:, :, :t]  # views into a longer cache
+    v = torch.randn(b, hk, t + 5, d, generator=gen)[:, :, :t]
+    valid = None
+    if masked != "none":
+        valid = (torch.rand(b, t + 5, generator=gen) > 0.4)[:, :t]
+        valid[0, -1] = True
+        if masked == "a row with none":
+            valid[-1] = False
+    out = cpu_gemv.decode_attention(q, k, v, valid, d**-0.5)
+    assert out.shape == q.shape and rel(out, attention_reference(q, k, v, valid, d**-0.5)) <= 1e-5
+
+
+def test_decode_attention_over_a_long_cache_runs_its_heads_in_parallel_and_agrees():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(1, 8, 1, 64, generator=gen), torch.randn(1, 2, 3000, 64, generator=gen), \
+        torch.randn(1, 2, 3000, 64, generator=gen)
+    assert rel(cpu_gemv.decode_attention(q, k, v, None, 0.125), attention_reference(q, k, v, None, 0.125)) <= 1e-5
+
+
+def test_decode_attention_catches_a_planted_stale_key():
+    """Planted fault: one cached key changed; the heads that read it move, the others do not."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(1, 4, 1, 16, generator=gen), torch.randn(1, 2, 9, 16, generator=gen), \
+        torch.randn(1, 2, 9, 16, generator=gen)
+    before = cpu_gemv.decode_attention(q, k, v, None, 0.25)
+    k[0, 1, 4] += 1.0  # kv head 1 serves query heads 2 and 3
+    moved = (cpu_gemv.decode_attention(q, k, v, None, 0.25) - before).abs().amax(dim=(2, 3))[0]
+    assert moved[:2].max() == 0 and moved[2:].min() > 1e-4
+
+
 def test_a_wrong_weight_is_caught():
     """Planted fault: one weight changed after packing moves that output and only that output."""
     x, w, scale, exact = case(64, 96, 1, torch.int8, 1)
@@ -132,6 +190,15 @@ def test_bad_arguments_name_the_problem():
         cpu_gemv.gemv_packed8(torch.randn(1, 8), w)
     with pytest.raises(ValueError, match="multiple of 8 rows"):
         cpu_gemv.pack8(torch.randn(12, 8))
+    with pytest.raises(RuntimeError, match=r"\[\.\.\., 2 I\]"):
+        cpu_gemv.silu_mul(torch.randn(2, 7))
+    q, kv = torch.randn(1, 4, 1, 8), torch.randn(1, 3, 5, 8)
+    with pytest.raises(RuntimeError, match="Hkv dividing 4"):
+        cpu_gemv.decode_attention(q, kv, kv, None, 1.0)
+    with pytest.raises(RuntimeError, match="one query per sequence"):
+        cpu_gemv.decode_attention(torch.randn(1, 4, 2, 8), kv[:, :2], kv[:, :2], None, 1.0)
+    with pytest.raises(RuntimeError, match=r"valid must be a CPU bool \[1, 5\]"):
+        cpu_gemv.decode_attention(q, kv[:, :2], kv[:, :2], torch.ones(1, 4, dtype=torch.bool), 1.0)
 
 
 def test_a_cpu_without_avx2_gets_the_reason(monkeypatch):

@@ -30,7 +30,16 @@ layers (``quant=int8_weight`` / ``int4_weight``) keep their own kernels, and the
 its layers (its cost is prefill compute, where packing was not faster). q/k/v and gate/up are fused
 (``fusion.py``) before packing. Each decoder layer then runs with fewer operations: one
 ``rms_norm`` call per norm for fp32 activations (in a decode step our single-threaded kernel:
-PyTorch's composite op spent 3.9 of a 26 ms int8 mini step in 48 norms on the AVX2 machine).
+PyTorch's composite op spent 3.9 of a 26 ms int8 mini step in 48 norms on the AVX2 machine), and in
+a decode step one call each for the q/k norms and rotary, the attention over the cache (under the
+exact attention options, sdpa and eager; approximate ones keep their own algorithm) and the MLP's
+``silu(gate) * up`` (in-process A/B, int8 mini step: 26.6 -> 25.2 ms for the last two).
+
+``huge_pages`` (default on): the text weights, in whatever form the kernels read them, are copied
+into 2 MiB pages (``qwen3_vl/hardware/huge_pages.py``: a decode step streams every weight once,
+and 4 KiB pages cost a TLB miss every 4 KiB; our GEMV read 23.2 -> 26.8 GB/s over mini's weights).
+``describe()`` reports how many bytes the kernel actually backed, or why none were asked for.
+oneDNN's packed weights are opaque and stay where oneDNN put them.
 
 ``threads`` (0: leave the process's setting) runs prefill and decode with that many threads and
 restores the setting afterwards: on a machine whose cores are busy with other work, OpenMP with
@@ -47,10 +56,12 @@ import torch
 import torch.nn.functional as F
 
 from qwen3_vl.generate import DecodeRequest, decode_loop
+from qwen3_vl.hardware.huge_pages import move_to_huge_pages
+from qwen3_vl.hardware.huge_pages import unavailable_reason as huge_pages_reason
 from qwen3_vl.kernels import cpu_gemv
 from qwen3_vl.model.layers import Linear, apply_rotary
 from qwen3_vl.model.text import AttentionMask, DecoderLayer
-from qwen3_vl.optim.execution.fusion import fuse_projections
+from qwen3_vl.optim.execution.fusion import FusedTextMLP, fuse_projections
 from qwen3_vl.optim.plan import Optimization, Requirements, Target
 from qwen3_vl.optim.quant.weights import SMALL_BATCH_ROWS
 
@@ -80,13 +91,16 @@ def _mkldnn_packs(storage: torch.dtype) -> bool:
 def available_kernels(storage: torch.dtype) -> list[str]:
     """Kernels that run here for weights stored as ``storage``, fastest measured first.
 
-    On the AVX2 CI machine (mini fp32) ``avx2`` and ``mkldnn`` decode at the same speed, both at the
-    read bandwidth, and oneDNN's packed weights prefill faster, so oneDNN leads where it packs."""
-    found = []
-    if storage in (torch.float32, torch.bfloat16) and _has_mkldnn_linear() and _mkldnn_packs(storage):
-        found.append("mkldnn")
-    if storage in (torch.float32, torch.float16, torch.bfloat16) and cpu_gemv.unavailable_reason() is None:
-        found.append("avx2")
+    fp32 on the AVX2 CI machine (mini, one process, interleaved): our GEMV on weights in 2 MiB pages
+    decoded at 72 ms/token against oneDNN's 84 (whose packed weights are opaque to the huge-page
+    copy), while oneDNN prefilled the image prompt in 569 ms against 640; so ``avx2`` leads where huge
+    pages are available (it is ahead after about 6 generated tokens) and ``mkldnn`` leads otherwise
+    (the two then decode at the same speed and oneDNN prefills faster). bf16 keeps oneDNN first where it
+    packs bf16 (AVX-512 machines), not measured against huge pages."""
+    ours = storage in (torch.float32, torch.float16, torch.bfloat16) and cpu_gemv.unavailable_reason() is None
+    onednn = storage in (torch.float32, torch.bfloat16) and _has_mkldnn_linear() and _mkldnn_packs(storage)
+    found = ["avx2", "mkldnn"] if storage == torch.float32 and huge_pages_reason() is None else ["mkldnn", "avx2"]
+    found = [k for k in found if (k == "avx2" and ours) or (k == "mkldnn" and onednn)]
     if storage == torch.float32 and _has_mkl_linear():
         found.append("mkl")
     if storage == torch.float16:
@@ -212,6 +226,17 @@ def _one_call_qk(attn, h: torch.Tensor, cos: torch.Tensor) -> bool:
             and cos.numel() == b * attn.head_dim and cos.is_contiguous() and cpu_gemv.unavailable_reason() is None)
 
 
+_EXACT_ATTENTION = ("sdpa", "eager")  # whose decode rows our kernel may compute instead (same softmax, reassociated)
+
+
+def _one_call_attention(attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether ``decode_attention`` serves this call: one query per sequence, fp32 on a CPU where our
+    kernels built, under an exact attention option (the approximate ones keep their own algorithm)."""
+    return (q.shape[2] == 1 and getattr(attention, "name", None) in _EXACT_ATTENTION and q.dtype == torch.float32
+            and k.dtype == v.dtype == torch.float32 and q.device.type == "cpu"
+            and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and cpu_gemv.unavailable_reason() is None)
+
+
 class LeanDecoderLayer(DecoderLayer):
     """``DecoderLayer`` with the same arithmetic in fewer operations (see the module docstring).
 
@@ -237,16 +262,24 @@ class LeanDecoderLayer(DecoderLayer):
             v = v.view(b, n, -1, attn.head_dim).transpose(1, 2)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         k, v, key_valid = cache.update(attn.layer_idx, k, v)
-        out = attention.text(q, k, v, AttentionMask(key_valid, mask.causal), attn.head_dim**-0.5)
+        if _one_call_attention(attention, q, k, v):  # one query: every key it may see is cached, no causal cut
+            out = cpu_gemv.decode_attention(q, k, v, key_valid, attn.head_dim**-0.5)
+        else:
+            out = attention.text(q, k, v, AttentionMask(key_valid, mask.causal), attn.head_dim**-0.5)
         h = x + attn.o_proj(out.transpose(1, 2).reshape(b, n, -1))
-        return h + self.mlp(rms_norm(h, self.post_attention_layernorm))
+        h2 = rms_norm(h, self.post_attention_layernorm)
+        mlp = self.mlp
+        if n == 1 and type(mlp) is FusedTextMLP and h2.dtype == torch.float32 and h2.device.type == "cpu" \
+                and cpu_gemv.unavailable_reason() is None:
+            return h + mlp.down_proj(cpu_gemv.silu_mul(mlp.gate_up_proj(h2).contiguous()))
+        return h + mlp(h2)
 
 
 class CpuPackedExecution:
     name = "cpu_packed"
 
     def __init__(self, model, target: Target, kernel: str = "auto", fuse: bool = True, lean: bool = True,
-                 threads: int = 0) -> None:
+                 threads: int = 0, huge_pages: bool = True) -> None:
         if kernel not in KERNELS:
             raise ValueError(f"cpu_packed kernel '{kernel}' unknown; kernels are: {', '.join(KERNELS)}")
         if threads < 0:
@@ -272,6 +305,11 @@ class CpuPackedExecution:
                 self.extra_bytes += pack_linear(linear, kernel, buffers, keep)
             self.packed_layers = len(linears)
             self.extra_bytes += sum(b.numel() * b.element_size() for b in buffers.values())
+        # last: packing and fusion made new tensors, and the quant layers' codes are already in place
+        self.huge_pages = "off" if not huge_pages else huge_pages_reason()
+        if self.huge_pages is None:
+            moved, backed = move_to_huge_pages([model.language_model, model.lm_head])
+            self.huge_pages = f"{backed / 2**20:.0f} of {moved / 2**20:.0f} MiB in 2 MiB pages"
         self.lean_layers = 0
         if lean:
             for layer in model.language_model.layers:
@@ -301,7 +339,8 @@ class CpuPackedExecution:
     def describe(self) -> dict:
         return {"option": self.name, "kernel": self.kernel, "fused_layers": self.fused_layers,
                 "packed_layers": self.packed_layers, "lean_layers": self.lean_layers,
-                "extra_bytes": self.extra_bytes, "threads": self.threads or torch.get_num_threads()}
+                "extra_bytes": self.extra_bytes, "threads": self.threads or torch.get_num_threads(),
+                "huge_pages": self.huge_pages}
 
 
 def _cpu_kernels_reason(target: Target) -> str | None:
@@ -324,6 +363,6 @@ OPTION = Optimization(
     # Packing replaces the weights the memory options stream; the lean layer writes through update().
     needs=("memory=resident",),
     fallback="eager",
-    defaults={"kernel": "auto", "fuse": True, "lean": True, "threads": 0},
+    defaults={"kernel": "auto", "fuse": True, "lean": True, "threads": 0, "huge_pages": True},
     variants=({"kernel": "auto"}, {"kernel": "none"}),
 )

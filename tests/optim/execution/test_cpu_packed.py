@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import qwen3_vl
+from qwen3_vl.hardware.huge_pages import unavailable_reason as huge_pages_reason
 from qwen3_vl.kernels import cpu_gemv
 from qwen3_vl.optim.execution import cpu_packed
 from qwen3_vl.optim.execution.cpu_packed import LeanDecoderLayer, PackedLinear, available_kernels
@@ -50,6 +51,19 @@ def test_fp32_kernels_give_the_reference_tokens_and_logits(tiny_checkpoint, ours
     assert len(packed) == (0 if kernel == "none" else 4 * layers + 1) == info["packed_layers"]
     assert not any(isinstance(m, PackedLinear) for m in model.visual.modules())
     assert all(isinstance(layer, LeanDecoderLayer) for layer in model.language_model.layers)
+
+
+@pytest.mark.skipif(huge_pages_reason() is not None, reason=str(huge_pages_reason()))
+@pytest.mark.parametrize("plan", ["", ",quant=int8_weight"])
+def test_weights_in_huge_pages_give_bitwise_the_same_results(tiny_checkpoint, prompt, plan):
+    ids, inputs = prompt
+    on, off = (qwen3_vl.from_pretrained(tiny_checkpoint, plan=f"{BASE}{plan},execution=cpu_packed[huge_pages={h}]")
+               for h in ("true", "false"))
+    assert torch.equal(generate(on, ids, inputs), generate(off, ids, inputs))
+    assert torch.equal(on(ids, **inputs), off(ids, **inputs))
+    assert "MiB in 2 MiB pages" in on.execution.describe()["huge_pages"]
+    assert off.execution.describe()["huge_pages"] == "off"
+    assert on.lm_head.weight.data_ptr() % (2 << 20) == 0
 
 
 @pytest.mark.parametrize("kernel", [k for k in available_kernels(torch.float16) if k != "none"])
@@ -175,3 +189,24 @@ def test_fastv_scores_through_the_lean_layers(tiny_checkpoint, ours_tiny, kernel
     model = qwen3_vl.from_pretrained(tiny_checkpoint, plan=f"{plan},execution=cpu_packed[kernel={kernel}]")
     assert torch.equal(generate(model, ids, inputs, 8), generate(ref, ids, inputs, 8))
     assert model.vision.kept == ref.vision.kept and model.vision.kept[0] < int((ids == ref.config.image_token_id).sum())
+
+
+@pytest.mark.skipif(cpu_gemv.unavailable_reason() is not None, reason=str(cpu_gemv.unavailable_reason()))
+@pytest.mark.parametrize("attention, ours", [("sdpa", True), ("eager", True), ("block_sparse", False)])
+def test_decode_rows_take_our_attention_and_activation_only_under_exact_attention(tiny_checkpoint, prompt,
+                                                                                  monkeypatch, attention, ours):
+    """Decode steps of the lean layer call ``decode_attention`` instead of the attention option only
+    when that option is exact (an approximate one is what the plan asked to measure), and
+    ``silu_mul`` for the fused MLP; prefill keeps the option's own path."""
+    calls = {"decode_attention": 0, "silu_mul": 0}
+    for name in calls:
+        real = getattr(cpu_gemv, name)
+        monkeypatch.setattr(cpu_gemv, name, lambda *a, _real=real, _name=name: calls.__setitem__(
+            _name, calls[_name] + 1) or _real(*a))
+    ids, inputs = prompt
+    model = qwen3_vl.from_pretrained(tiny_checkpoint, plan=f"attention={attention},kv_cache=static,"
+                                                          "execution=cpu_packed")
+    steps, layers = 6, model.config.text.num_hidden_layers
+    generate(model, ids, inputs, steps + 1)
+    assert calls["decode_attention"] == (steps * layers if ours else 0)
+    assert calls["silu_mul"] == steps * layers
