@@ -50,7 +50,8 @@ def _load() -> tuple[object | None, str | None]:
     ns = torch.ops.qwen3_vl_cpu  # resolved once: each attribute lookup on torch.ops costs microseconds
     ops = types.SimpleNamespace(**{name: getattr(ns, name) for name in ("gemv", "gemv_packed8", "unpack8_float",
                                                                        "rms_norm", "qk_norm_rope", "silu_mul",
-                                                                       "decode_attention")})
+                                                                       "decode_attention", "gemv_int4",
+                                                                       "unpack_int4_float")})
     return ops, None
 
 
@@ -104,6 +105,27 @@ def qk_norm_rope(qkv: torch.Tensor, q_norm, k_norm, cos: torch.Tensor, sin: torc
     and k ``[R, kv_heads, d]`` RMS-normed per head (``q_norm``/``k_norm`` modules) and rotated by
     ``cos``/``sin`` ``[R, d]``, and v ``[R, kv_heads, d]``; fp32, contiguous."""
     return _ops().qk_norm_rope(qkv, q_norm.weight, k_norm.weight, q_norm.eps, k_norm.eps, cos, sin, heads, kv_heads)
+
+
+def pack8_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``quantize_int4``'s codes ``[N, K/2]`` (two per byte) and fp32 ``scale``/``zero`` ``[N, K/group]``
+    -> the layout ``gemv_int4`` reads: codes ``[N/8, K/2, 8]`` (eight rows interleaved, each byte
+    still two columns of one row), scale and offset ``[N/8, K/group, 8]`` with weight = q * scale +
+    offset (offset = zero - 8 scale, folded once here instead of per weight)."""
+    return pack8(packed), pack8(scale.float()), pack8(zero.float() - 8 * scale.float())
+
+
+def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+              group: int) -> torch.Tensor:
+    """``x [B, K] fp32`` times the int4 matrix ``pack8_int4`` laid out, transposed: ``[B, N]``."""
+    return _ops().gemv_int4(x, packed, scale, offset, group)
+
+
+def unpack_int4_float(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group: int, start: int = 0,
+                      end: int | None = None) -> torch.Tensor:
+    """Rows ``start:end`` (multiples of 8) of the int4 matrix ``pack8_int4`` laid out, dequantized to
+    row-major fp32 in one vectorized pass (prefill's GEMM input)."""
+    return _ops().unpack_int4_float(packed, scale, offset, group, start, packed.shape[0] * 8 if end is None else end)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from qwen3_vl.hardware.detect import Machine
 from qwen3_vl.kernels import cpu_gemv
 from qwen3_vl.model.layers import RMSNorm, apply_rotary
+from qwen3_vl.optim.quant.weights import dequantize_int4, quantize_int4
 
 pytestmark = pytest.mark.skipif(cpu_gemv.unavailable_reason() is not None,
                                 reason=f"AVX2 GEMV kernel unavailable: {cpu_gemv.unavailable_reason()}")
@@ -106,6 +107,69 @@ def test_qk_norm_rope_is_the_reference_norms_and_rotary(rows, hk, groups, half, 
     assert torch.equal(v, qkv[:, (hq + hk) * d :].view(rows, hk, d))
     with pytest.raises(RuntimeError, match="qkv must be"):
         cpu_gemv.qk_norm_rope(qkv[:, :-2].contiguous(), q_norm, k_norm, cos, sin, hq, hk)
+
+
+def int4_case(n: int, k: int, group: int, b: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen) * torch.rand(n, 1, generator=gen) * 3
+    packed, scale, zero = quantize_int4(w, group)
+    dense = dequantize_int4(packed, scale, zero, group, torch.float64)
+    x = torch.randn(b, k, generator=gen)
+    return x, cpu_gemv.pack8_int4(packed, scale, zero), dense
+
+
+def int4_product(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+                 group: int) -> torch.Tensor:
+    """What gemv_int4 computes, in float64, from its own layout: per group scale * dot(x16 * dx, q) +
+    offset * sum(x), the inputs rounded to int16 per group (dx = max|x| / 32767, in fp32 as the kernel)."""
+    b, k = x.shape
+    n = codes.shape[0] * 8
+    q = torch.stack((codes & 15, codes >> 4), dim=2).permute(0, 3, 1, 2).reshape(n, k).double()
+    per_row = lambda t: t.permute(0, 2, 1).reshape(n, -1).double().repeat_interleave(group, dim=1)
+    xg = x.view(b, k // group, group)
+    amax = xg.abs().amax(dim=-1, keepdim=True)
+    inv = torch.where(amax > 0, torch.tensor(32767.0) / amax, torch.zeros_like(amax))
+    rounded = (torch.round(xg * inv).double() * (amax / 32767.0).double()).view(b, k)
+    return rounded @ (q * per_row(scale)).T + x.double() @ per_row(offset).T
+
+
+@settings(max_examples=40, deadline=None)
+@given(n8=st.integers(1, 24), groups=st.integers(1, 6), group=st.sampled_from([8, 16, 32, 128]), b=st.integers(1, 5),
+       seed=st.integers(0, 2**16))
+def test_int4_gemv_and_unpack_compute_the_dequantized_weights(n8, groups, group, b, seed):
+    """Any row count in blocks of eight, any number of groups of any supported size, 1-5 input rows:
+    the product with quantize_int4's weights of the inputs rounded to int16 per group, and the
+    weights themselves back."""
+    x, (codes, scale, offset), dense = int4_case(8 * n8, groups * group, group, b, seed)
+    out = cpu_gemv.gemv_int4(x, codes, scale, offset, group)
+    assert rel(out, int4_product(x, codes, scale, offset, group)) <= 1e-5  # integer dot products: exact
+    assert rel(out, x.double() @ dense.T) <= 2e-4  # what rounding the inputs to int16 costs
+    assert rel(cpu_gemv.unpack_int4_float(codes, scale, offset, group), dense) <= 1e-6
+    start, end = 8 * (n8 // 3), 8 * n8
+    assert rel(cpu_gemv.unpack_int4_float(codes, scale, offset, group, start, end), dense[start:end]) <= 1e-6
+
+
+def test_int4_a_flipped_nibble_moves_its_own_output_only():
+    """Planted fault: the high nibble of one byte (row 8+5, column 2*7+1) changed after packing."""
+    x, (codes, scale, offset), dense = int4_case(32, 64, 32, 1, 4)
+    exact = int4_product(x, codes, scale, offset, 32)
+    codes[1, 7, 5] ^= 0x30
+    out = cpu_gemv.gemv_int4(x, codes, scale, offset, 32).double()
+    assert ((out - exact).abs() > 1e-5 * exact.abs().max()).nonzero()[:, 1].tolist() == [13]
+    assert (cpu_gemv.unpack_int4_float(codes, scale, offset, 32).double() - dense).abs().gt(1e-5).nonzero().tolist() \
+        == [[13, 15]]
+
+
+def test_int4_bad_arguments_name_the_problem():
+    _, (codes, scale, offset), _ = int4_case(16, 64, 16, 1, 0)
+    with pytest.raises(RuntimeError, match="must be a multiple of 8 dividing K = 64"):
+        cpu_gemv.gemv_int4(torch.randn(1, 64), codes, scale, offset, 12)
+    with pytest.raises(RuntimeError, match=r"scale and offset must be contiguous fp32 \[2, 4, 8\]"):
+        cpu_gemv.gemv_int4(torch.randn(1, 64), codes, scale[:, :2].contiguous(), offset, 16)
+    with pytest.raises(RuntimeError, match=r"x must be a contiguous fp32 CPU \[B, 64\]"):
+        cpu_gemv.gemv_int4(torch.randn(1, 63), codes, scale, offset, 16)
+    with pytest.raises(RuntimeError, match="uint8"):
+        cpu_gemv.gemv_int4(torch.randn(1, 64), codes.to(torch.int8), scale, offset, 16)
 
 
 @given(rows=st.integers(1, 3), i=st.integers(1, 70), scale=st.sampled_from([1.0, 10.0, 60.0]), seed=st.integers(0, 100))

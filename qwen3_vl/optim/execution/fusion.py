@@ -4,8 +4,8 @@ with the separate matmuls to float reassociation (the GEMM may block the larger 
 
 Applied by module class swap after the weights are loaded. Plain ``Linear`` projections are fused,
 and quantized ones whose kernel names its ``row_buffers`` (per-output-row data that concatenates
-exactly: int8 codes and scales); others (fbgemm's prepacked weights, int4pack's tiles) keep their
-modules. A fused model cannot be saved as a checkpoint.
+exactly: int8 codes and scales, int4 codes, scales and offsets in our kernel's layout); others
+(fbgemm's prepacked weights, int4pack's tiles) keep their modules. A fused model cannot be saved as a checkpoint.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ def _concat_quantized(*mods: QuantLinear) -> QuantLinear:
     fused = QuantLinear(mods[0].in_features, sum(m.out_features for m in mods), None, kernel)
     for name in kernel.row_buffers:
         fused.register_buffer(name, torch.cat([getattr(m, name) for m in mods], dim=0))
+    if hasattr(mods[0], "group"):  # int4: one group size per input width, so the projections share it
+        fused.group = mods[0].group
     return fused
 
 
@@ -37,8 +39,9 @@ def _fusable(projections) -> bool:
     if all(type(p) is Linear for p in projections):
         return True
     kernel = getattr(projections[0], "kernel", None)
-    return all(type(p) is QuantLinear and p.kernel is kernel and p.bias is None for p in projections) and \
-        hasattr(kernel, "row_buffers")
+    group = getattr(projections[0], "group", None)
+    return all(type(p) is QuantLinear and p.kernel is kernel and p.bias is None and getattr(p, "group", None) == group
+               for p in projections) and hasattr(kernel, "row_buffers")
 
 
 class FusedTextAttention(TextAttention):

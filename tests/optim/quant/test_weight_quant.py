@@ -74,15 +74,33 @@ def test_int8_kernels_compute_the_quantized_product(kernel, rows):
     assert err <= (INT8_KERNELS[kernel] if rows <= SMALL_BATCH_ROWS else 1e-5)  # prefill: exact activations
 
 
+INT4_KERNELS = {"dequant": 1e-5, "avx2": 2e-4, "int4pack": 1e-2}  # int16 / bf16 activations
+
+
 @pytest.mark.parametrize("kernel", int4_weight.available_kernels("cpu"))
 @pytest.mark.parametrize("rows", [1, SMALL_BATCH_ROWS + 3])
 def test_int4_kernels_compute_the_quantized_product(kernel, rows):
     linear, x = linear_case(out_features=128, in_features=512, rows=rows)
     mod = int4_weight.make_linear(linear, kernel, 128)
-    w = dequantize_int4(mod.weight, mod.scale, mod.zero, 128, torch.float64)
+    w = dequantize_int4(*quantize_int4(linear.weight.detach(), 128), 128, torch.float64)  # any kernel's layout
     exact = x.double() @ w.T
     err = ((mod(x).double() - exact).abs().max() / exact.abs().max()).item()
-    assert err <= (1e-2 if kernel == "int4pack" and rows <= SMALL_BATCH_ROWS else 1e-5)
+    assert err <= (INT4_KERNELS[kernel] if rows <= SMALL_BATCH_ROWS else 1e-5)  # prefill: exact activations
+
+
+@pytest.mark.parametrize("kernel", int4_weight.available_kernels("cpu"))
+def test_int4_embedding_rows_are_the_output_matrix_rows(kernel):
+    """The tied embedding looks its rows up in the output matrix whatever layout the kernel keeps
+    (avx2: eight rows interleaved, offsets folded); the same values as dequantizing the codes."""
+    model = qwen3_vl.from_pretrained("tiny", plan=f"quant=int4_weight[kernel={kernel}]")
+    head = model.lm_head
+    ids = torch.tensor([0, 5, 9, 151935])
+    rows = int4_weight.dequantize_rows(head, ids)
+    ref = qwen3_vl.from_pretrained("tiny")
+    expected = dequantize_int4(*quantize_int4(ref.lm_head.weight.detach()[ids], head.group), head.group,
+                               torch.float32)
+    assert torch.allclose(rows, expected, rtol=0, atol=1e-6 * expected.abs().max())
+    assert torch.equal(model.language_model.embed_tokens(ids[None])[0], rows)
 
 
 def test_tied_embedding_and_output_share_one_quantized_matrix():
