@@ -62,3 +62,13 @@ def test_kv_error_part_stores_each_approximate_kv_option_with_its_bound(tmp_path
     assert len(kl) == len(bench_memory_quant.KV_APPROXIMATE) and kl.bound.notna().all()
     assert (kl.value > 0).all()  # every option compressed something on this conversation
     assert (kl.status == (kl.value <= kl.bound).map({True: "ok", False: "failed"})).all()
+
+
+def test_a_plan_that_cannot_be_built_here_is_skipped_with_its_reason(tmp_path, capsys):
+    argv = ["--preset", "tiny", "--device", "cpu", "--threads", "1", "--rounds", "1", "--warmup", "0",
+            "--new-tokens", "2", "--image-size", "0", "--prompt-tokens", "8", "--results-dir", str(tmp_path / "r"),
+            "--plan", "reference", "--plan", "execution=cpu_packed[kernel=nope]"]
+    assert bench.main(argv) == 0
+    assert "skipped execution=cpu_packed[kernel=nope]: cpu_packed kernel 'nope' unknown" in capsys.readouterr().err
+    assert set(results.load(tmp_path / "r").case) == {"reference", "floor"}
+    assert bench.main([*argv[:-4], "--plan", "execution=cpu_packed[kernel=nope]"]) == 2
