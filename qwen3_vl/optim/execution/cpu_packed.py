@@ -354,8 +354,9 @@ OPTION = Optimization(
     axis="execution",
     exact=True,
     summary=(
-        "CPU decode and prefill: text weights prepacked for oneDNN/MKL or read by our AVX2 GEMV (fp16/bf16 storage "
-        "interleaved for it), fused q/k/v and gate/up projections, fewer operations per layer; optional thread count."
+        "CPU decode and prefill: text weights read by our AVX2 GEMV from 2 MiB pages (fp16/bf16 storage interleaved "
+        "for it) or prepacked for oneDNN/MKL, fused q/k/v and gate/up projections, one kernel call each for a decode "
+        "row's norms, rotary, attention and activation; optional thread count."
     ),
     build=lambda model, target, **params: CpuPackedExecution(model, target, **params),
     requires=Requirements(devices=("cpu",)),
