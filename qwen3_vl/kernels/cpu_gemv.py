@@ -50,7 +50,7 @@ def _load() -> tuple[object | None, str | None]:
     ns = torch.ops.qwen3_vl_cpu  # resolved once: each attribute lookup on torch.ops costs microseconds
     ops = types.SimpleNamespace(**{name: getattr(ns, name) for name in ("gemv", "gemv_packed8", "unpack8_float",
                                                                        "rms_norm", "qk_norm_rope", "silu_mul",
-                                                                       "decode_attention", "gemv_int4",
+                                                                       "causal_attention", "gemv_int4",
                                                                        "unpack_int4_float")})
     return ops, None
 
@@ -134,13 +134,15 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return _ops().silu_mul(gate_up)
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
                      scale: float) -> torch.Tensor:
-    """Softmax attention of one new query per sequence, ``q [B, Hq, 1, d]``, over cached ``k``/``v``
+    """Softmax attention of the last ``L`` positions, ``q [B, Hq, L, d]``, over the cached ``k``/``v``
     ``[B, Hkv, T, d]`` (grouped heads; strided views with a contiguous last dimension, as the static
-    cache returns them), keys with ``valid [B, T]`` False skipped; a head that sees no key gets the mean
-    of all values (eager's answer). fp32 on CPU; heads run in parallel only for long caches."""
-    return _ops().decode_attention(q, k, v, valid, scale)
+    cache returns them), causal (query ``l`` sees keys ``0 .. T - L + l``), keys with ``valid [B, T]``
+    False skipped; a row that sees no key gets the mean of all values (eager's answer). fp32 on CPU.
+    Each row's sums run in an order fixed by its key count alone, so a row gives the same bits in a
+    prefill as in a decode step."""
+    return _ops().causal_attention(q, k, v, valid, scale)
 
 
 def packed8_rows(packed: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@
 // Software prefetch in the row-major kernel was tried (64 B to 4 KiB ahead, T0 and NTA hints) and
 // read 5-20% slower; weights in 2 MiB pages read 15% faster (qwen3_vl/hardware/huge_pages.py).
 // Beside the products, the small per-layer pieces of a decode step (where PyTorch's dispatch costs
-// more than the arithmetic): rms_norm, qk_norm_rope, silu_mul and decode_attention.
+// more than the arithmetic): rms_norm, qk_norm_rope, silu_mul and causal_attention.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -390,14 +390,16 @@ inline __m256 hsum8(const __m256* a) {
   return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
 }
 
-// One query head of a decode step over T cached keys (rows ks apart, values vs apart):
+// One query head over the first T of the cached keys (rows ks apart, values vs apart):
 // out = sum_t softmax_t(scale * q.k_t) v_t over the keys with valid[t * valid_stride] (all when
-// valid is null). A head that sees no key gets the mean of all T values: what eager's masked
-// softmax gives (a constant row), which every attention option reproduces. Scores go eight keys
-// at a time (one accumulator per key, summed across lanes together); values 32 dimensions at a time
-// with the output kept in registers.
+// valid is null). A head that sees no key gets the mean of all T_all cached values: what eager's
+// masked softmax gives (a constant row over every key), which every attention option reproduces.
+// Scores go eight keys at a time (one accumulator per key, summed across lanes together); values 32
+// dimensions at a time with the output kept in registers. The order of every sum depends on T and
+// d only, never on how many queries or sequences a call holds: a row's result is the same whether
+// it is computed in a prefill or a decode step (what execution=cpu_packed[batch_invariant] needs).
 void attend_one(const float* q, const float* k, const float* v, int64_t ks, int64_t vs, const bool* valid,
-                int64_t valid_stride, int64_t T, int64_t d, float scale, float* scores, float* out) {
+                int64_t valid_stride, int64_t T, int64_t T_all, int64_t d, float scale, float* scores, float* out) {
   int64_t t = 0;
   if (d % 8 == 0) {
     for (; t + 8 <= T; t += 8) {
@@ -418,7 +420,8 @@ void attend_one(const float* q, const float* k, const float* v, int64_t ks, int6
   }
   float sum = 0.0f;
   t = 0;
-  if (m == -INFINITY) {  // no valid key
+  if (m == -INFINITY) {  // no valid key: every cached value, equally weighted
+    T = T_all;
     for (; t < T; ++t) scores[t] = 1.0f;
     sum = static_cast<float>(T);
   } else {
@@ -579,43 +582,44 @@ at::Tensor silu_mul_op(const at::Tensor& gu) {
   return out;
 }
 
-// q [B, Hq, 1, d]; k, v [B, Hkv, T, d] (any strides but a contiguous last dimension: the static
-// cache's views); valid [B, T] bool or None -> [B, Hq, 1, d]. Heads in parallel once a call is
-// big enough to pay for waking the thread pool (long conversations).
-at::Tensor decode_attention_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+// q [B, Hq, L, d]: the last L of the T cached positions (causal: query l sees keys 0 .. T - L + l);
+// k, v [B, Hkv, T, d] (any strides but a contiguous last dimension: the static cache's views); valid
+// [B, T] bool or None -> [B, Hq, L, d]. Rows in parallel once a call is big enough to pay for waking
+// the thread pool (prefill, long conversations).
+at::Tensor causal_attention_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const c10::optional<at::Tensor>& valid, double scale) {
   for (const at::Tensor* t : {&q, &k, &v})
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu() && t->dim() == 4 && t->stride(3) == 1,
-                "decode_attention: fp32 CPU [B, H, L, d] tensors with a contiguous last dimension expected");
-  const int64_t B = q.size(0), Hq = q.size(1), d = q.size(3), Hkv = k.size(1), T = k.size(2);
-  TORCH_CHECK(q.size(2) == 1, "decode_attention: one query per sequence, got ", q.size(2));
+                "causal_attention: fp32 CPU [B, H, L, d] tensors with a contiguous last dimension expected");
+  const int64_t B = q.size(0), Hq = q.size(1), L = q.size(2), d = q.size(3), Hkv = k.size(1), T = k.size(2);
   TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(3) == d && Hkv > 0 && Hq % Hkv == 0 && T > 0,
-              "decode_attention: k and v must be [", B, ", Hkv, T, ", d, "] with Hkv dividing ", Hq, "; got ",
+              "causal_attention: k and v must be [", B, ", Hkv, T, ", d, "] with Hkv dividing ", Hq, "; got ",
               k.sizes(), " and ", v.sizes());
+  TORCH_CHECK(L >= 1 && L <= T, "causal_attention: ", L, " queries must be the last of the ", T, " keys");
   const bool* vp = nullptr;
   int64_t vb = 0, vt = 0;
   if (valid.has_value()) {
     TORCH_CHECK(valid->scalar_type() == at::kBool && valid->dim() == 2 && valid->size(0) == B &&
                     valid->size(1) == T && valid->device().is_cpu(),
-                "decode_attention: valid must be a CPU bool [", B, ", ", T, "], got ", valid->sizes());
+                "causal_attention: valid must be a CPU bool [", B, ", ", T, "], got ", valid->sizes());
     vp = valid->data_ptr<bool>();
     vb = valid->stride(0);
     vt = valid->stride(1);
   }
-  at::Tensor out = at::empty({B, Hq, 1, d}, q.options());
+  at::Tensor out = at::empty({B, Hq, L, d}, q.options());
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
   const float* vvp = v.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t groups = Hq / Hkv;
   const int64_t grain = std::max<int64_t>(1, kParallelWork / (T * d));
-  at::parallel_for(0, B * Hq, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * Hq * L, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(T);
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / Hq, h = i % Hq, g = h / groups;
-      attend_one(qp + b * q.stride(0) + h * q.stride(1), kp + b * k.stride(0) + g * k.stride(1),
-                 vvp + b * v.stride(0) + g * v.stride(1), k.stride(2), v.stride(2), vp ? vp + b * vb : nullptr, vt, T,
-                 d, static_cast<float>(scale), scores.data(), op + i * d);
+      const int64_t b = i / (Hq * L), h = (i / L) % Hq, l = i % L, g = h / groups;
+      attend_one(qp + b * q.stride(0) + h * q.stride(1) + l * q.stride(2), kp + b * k.stride(0) + g * k.stride(1),
+                 vvp + b * v.stride(0) + g * v.stride(1), k.stride(2), v.stride(2), vp ? vp + b * vb : nullptr, vt,
+                 T - L + l + 1, T, d, static_cast<float>(scale), scores.data(), op + i * d);
     }
   });
   return out;
@@ -677,7 +681,7 @@ TORCH_LIBRARY(qwen3_vl_cpu, m) {
   m.def("silu_mul(Tensor gate_up) -> Tensor");
   m.def("gemv_int4(Tensor x, Tensor w, Tensor scale, Tensor offset, int group) -> Tensor");
   m.def("unpack_int4_float(Tensor w, Tensor scale, Tensor offset, int group, int start, int end) -> Tensor");
-  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? valid, float scale) -> Tensor");
+  m.def("causal_attention(Tensor q, Tensor k, Tensor v, Tensor? valid, float scale) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(qwen3_vl_cpu, CPU, m) {
   m.impl("gemv", &gemv_op);
@@ -688,5 +692,5 @@ TORCH_LIBRARY_IMPL(qwen3_vl_cpu, CPU, m) {
   m.impl("silu_mul", &silu_mul_op);
   m.impl("gemv_int4", &gemv_int4_op);
   m.impl("unpack_int4_float", &unpack_int4_float_op);
-  m.impl("decode_attention", &decode_attention_op);
+  m.impl("causal_attention", &causal_attention_op);
 }

@@ -181,25 +181,28 @@ def test_silu_mul_is_the_mlp_activation(rows, i, scale, seed):
 
 
 def attention_reference(q, k, v, valid, scale):
-    """Float64 softmax attention with grouped heads; a row with no valid key gets the mean of the values."""
-    groups = q.shape[1] // k.shape[1]
+    """Float64 causal softmax attention of the last L positions with grouped heads; a row that sees no
+    valid key gets the mean of all the values."""
+    groups, lq, lk = q.shape[1] // k.shape[1], q.shape[2], k.shape[2]
     k, v = k.double().repeat_interleave(groups, 1), v.double().repeat_interleave(groups, 1)
     scores = (q.double() @ k.transpose(-1, -2)) * scale
-    if valid is not None:
-        seen = valid[:, None, None, :]
-        scores = torch.where(seen.any(-1, keepdim=True), scores.masked_fill(~seen, float("-inf")), 0.0)
+    seen = torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + (lk - lq)  # [L, T] causal
+    seen = seen[None, None] & (True if valid is None else valid[:, None, None, :])
+    scores = torch.where(seen.any(-1, keepdim=True), scores.masked_fill(~seen, float("-inf")), 0.0)
     return scores.softmax(-1) @ v
 
 
 @settings(max_examples=60, deadline=None)
 @given(b=st.integers(1, 3), hk=st.integers(1, 3), groups=st.integers(1, 3), t=st.integers(1, 40),
-       d=st.sampled_from([4, 8, 12, 32, 64, 72]), masked=st.sampled_from(["none", "some", "a row with none"]),
-       seed=st.integers(0, 1000))
-def test_decode_attention_is_softmax_attention_over_the_cache(b, hk, groups, t, d, masked, seed):
-    """Grouped heads, any key count (eight-key blocks and the tail), head sizes on and off the
-    vector width, strided cache views as the static cache returns them, padding masks."""
+       queries=st.integers(1, 6), d=st.sampled_from([4, 8, 12, 32, 64, 72]),
+       masked=st.sampled_from(["none", "some", "a row with none"]), seed=st.integers(0, 1000))
+def test_causal_attention_is_softmax_attention_over_the_cache(b, hk, groups, t, queries, d, masked, seed):
+    """Grouped heads, any key count (eight-key blocks and the tail), one query (decode) or several
+    (prefill, causal), head sizes on and off the vector width, strided cache views as the static
+    cache returns them, padding masks including a sequence that sees nothing."""
     gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, hk * groups, 1, d, generator=gen)
+    lq = min(queries, t)
+    q = torch.randn(b, hk * groups, lq, d, generator=gen)
     k = torch.randn(b, hk, t + 5, d, generator=gen)[:, :, :t]  # views into a longer cache
     v = torch.randn(b, hk, t + 5, d, generator=gen)[:, :, :t]
     valid = None
@@ -208,25 +211,41 @@ def test_decode_attention_is_softmax_attention_over_the_cache(b, hk, groups, t, 
         valid[0, -1] = True
         if masked == "a row with none":
             valid[-1] = False
-    out = cpu_gemv.decode_attention(q, k, v, valid, d**-0.5)
+    out = cpu_gemv.causal_attention(q, k, v, valid, d**-0.5)
     assert out.shape == q.shape and rel(out, attention_reference(q, k, v, valid, d**-0.5)) <= 1e-5
 
 
-def test_decode_attention_over_a_long_cache_runs_its_heads_in_parallel_and_agrees():
+@settings(max_examples=30, deadline=None)
+@given(t=st.integers(2, 60), queries=st.integers(2, 12), d=st.sampled_from([8, 64, 72]), seed=st.integers(0, 1000))
+def test_a_row_gives_the_same_bits_alone_as_among_other_rows(t, queries, d, seed):
+    """Batch invariance: the last position attended as one query (a decode step) equals, bit for bit,
+    the same row computed among the prefill's rows over the same cache."""
+    gen = torch.Generator().manual_seed(seed)
+    lq = min(queries, t)
+    q, k, v = (torch.randn(1, 4, n, d, generator=gen) for n in (lq, t, t))
+    k, v = k[:, :2], v[:, :2]
+    together = cpu_gemv.causal_attention(q, k, v, None, d**-0.5)
+    for row in range(lq):
+        keys = t - lq + row + 1
+        alone = cpu_gemv.causal_attention(q[:, :, row:row + 1], k[:, :, :keys], v[:, :, :keys], None, d**-0.5)
+        assert torch.equal(alone, together[:, :, row:row + 1])
+
+
+def test_causal_attention_over_a_long_cache_runs_in_parallel_and_agrees():
     gen = torch.Generator().manual_seed(0)
-    q, k, v = torch.randn(1, 8, 1, 64, generator=gen), torch.randn(1, 2, 3000, 64, generator=gen), \
+    q, k, v = torch.randn(1, 8, 3, 64, generator=gen), torch.randn(1, 2, 3000, 64, generator=gen), \
         torch.randn(1, 2, 3000, 64, generator=gen)
-    assert rel(cpu_gemv.decode_attention(q, k, v, None, 0.125), attention_reference(q, k, v, None, 0.125)) <= 1e-5
+    assert rel(cpu_gemv.causal_attention(q, k, v, None, 0.125), attention_reference(q, k, v, None, 0.125)) <= 1e-5
 
 
-def test_decode_attention_catches_a_planted_stale_key():
+def test_causal_attention_catches_a_planted_stale_key():
     """Planted fault: one cached key changed; the heads that read it move, the others do not."""
     gen = torch.Generator().manual_seed(3)
     q, k, v = torch.randn(1, 4, 1, 16, generator=gen), torch.randn(1, 2, 9, 16, generator=gen), \
         torch.randn(1, 2, 9, 16, generator=gen)
-    before = cpu_gemv.decode_attention(q, k, v, None, 0.25)
+    before = cpu_gemv.causal_attention(q, k, v, None, 0.25)
     k[0, 1, 4] += 1.0  # kv head 1 serves query heads 2 and 3
-    moved = (cpu_gemv.decode_attention(q, k, v, None, 0.25) - before).abs().amax(dim=(2, 3))[0]
+    moved = (cpu_gemv.causal_attention(q, k, v, None, 0.25) - before).abs().amax(dim=(2, 3))[0]
     assert moved[:2].max() == 0 and moved[2:].min() > 1e-4
 
 
@@ -258,11 +277,11 @@ def test_bad_arguments_name_the_problem():
         cpu_gemv.silu_mul(torch.randn(2, 7))
     q, kv = torch.randn(1, 4, 1, 8), torch.randn(1, 3, 5, 8)
     with pytest.raises(RuntimeError, match="Hkv dividing 4"):
-        cpu_gemv.decode_attention(q, kv, kv, None, 1.0)
-    with pytest.raises(RuntimeError, match="one query per sequence"):
-        cpu_gemv.decode_attention(torch.randn(1, 4, 2, 8), kv[:, :2], kv[:, :2], None, 1.0)
+        cpu_gemv.causal_attention(q, kv, kv, None, 1.0)
+    with pytest.raises(RuntimeError, match="6 queries must be the last of the 5 keys"):
+        cpu_gemv.causal_attention(torch.randn(1, 4, 6, 8), kv[:, :2], kv[:, :2], None, 1.0)
     with pytest.raises(RuntimeError, match=r"valid must be a CPU bool \[1, 5\]"):
-        cpu_gemv.decode_attention(q, kv[:, :2], kv[:, :2], torch.ones(1, 4, dtype=torch.bool), 1.0)
+        cpu_gemv.causal_attention(q, kv[:, :2], kv[:, :2], torch.ones(1, 4, dtype=torch.bool), 1.0)
 
 
 def test_a_cpu_without_avx2_gets_the_reason(monkeypatch):

@@ -41,6 +41,16 @@ and 4 KiB pages cost a TLB miss every 4 KiB; our GEMV read 23.2 -> 26.8 GB/s ove
 ``describe()`` reports how many bytes the kernel actually backed, or why none were asked for.
 oneDNN's packed weights are opaque and stay where oneDNN put them.
 
+``batch_invariant`` (default off): every row of the text decoder, prefill rows included, runs through
+our kernels (the GEMVs, norms, q/k norm + rotary, causal attention over the cache, activation), whose
+per-row sums run in an order that does not depend on how many rows or sequences a call holds. A row
+then gives the same bits in a prefill, a decode step or a turn prefilled over a reused cache, so a
+``vision=conditional`` session's reused prefix is bitwise a full recompute (PyTorch's GEMMs and SDPA
+block by row count, which is why the two otherwise differ in the last bits). Needs our AVX2 kernels,
+fp32 compute, an exact attention option (sdpa, eager) and, quantized, int8/int4's avx2 kernels; refused
+with the reason otherwise. Cost measured on mini (image prompt, AVX2 CI machine): prefill 756 -> 918 ms,
+decode unchanged.
+
 ``threads`` (0: leave the process's setting) runs prefill and decode with that many threads and
 restores the setting afterwards: on a machine whose cores are busy with other work, OpenMP with
 more threads than free cores waits at every barrier (measured on the CI machine under a load of 4:
@@ -59,11 +69,11 @@ from qwen3_vl.generate import DecodeRequest, decode_loop
 from qwen3_vl.hardware.huge_pages import move_to_huge_pages
 from qwen3_vl.hardware.huge_pages import unavailable_reason as huge_pages_reason
 from qwen3_vl.kernels import cpu_gemv
-from qwen3_vl.model.layers import Linear, apply_rotary
+from qwen3_vl.model.layers import Linear, RMSNorm, apply_rotary
 from qwen3_vl.model.text import AttentionMask, DecoderLayer
 from qwen3_vl.optim.execution.fusion import FusedTextMLP, fuse_projections
 from qwen3_vl.optim.plan import Optimization, Requirements, Target
-from qwen3_vl.optim.quant.weights import SMALL_BATCH_ROWS
+from qwen3_vl.optim.quant.weights import SMALL_BATCH_ROWS, QuantLinear
 
 KERNELS = ("auto", "avx2", "mkl", "mkldnn", "fp16_chunks", "none")
 CHUNK_BYTES = 1 << 20  # fp32 rows cast at a time by fp16_chunks: about one core's L2
@@ -129,9 +139,18 @@ def mkldnn_kernel(mod: PackedLinear, x: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), mod.packed, mod.bias, "none", [], "")
 
 
+def avx2_gemv(mod: PackedLinear, x: torch.Tensor) -> torch.Tensor:
+    """Every row through our GEMV (fp16/bf16 weights in ``pack8``'s layout, fp32 row-major): each row's
+    sums run in the same order whatever the row count (``batch_invariant`` uses it for prefill too)."""
+    x32 = x.float().contiguous()
+    out = cpu_gemv.gemv(x32, mod.weight) if mod.packed is None else cpu_gemv.gemv_packed8(x32, mod.packed)
+    if mod.bias is not None:
+        out += mod.bias.float()
+    return out.to(x.dtype)
+
+
 def avx2_kernel(mod: PackedLinear, x: torch.Tensor) -> torch.Tensor:
-    """Decode rows through our GEMV (fp16/bf16 weights in ``pack8``'s layout, fp32 row-major);
-    prefill through PyTorch's GEMMs."""
+    """Decode rows through our GEMV; prefill through PyTorch's GEMMs."""
     if x.shape[0] > SMALL_BATCH_ROWS:
         if mod.packed is None:
             return F.linear(x, mod.weight.to(x.dtype), None if mod.bias is None else mod.bias.to(x.dtype))
@@ -139,11 +158,10 @@ def avx2_kernel(mod: PackedLinear, x: torch.Tensor) -> torch.Tensor:
             return fp16_chunks_kernel(mod, x)
         weight = cpu_gemv.unpack8_float(mod.packed).to(x.dtype)
         return F.linear(x, weight, None if mod.bias is None else mod.bias.to(x.dtype))
-    x32 = x.float().contiguous()
-    out = cpu_gemv.gemv(x32, mod.weight) if mod.packed is None else cpu_gemv.gemv_packed8(x32, mod.packed)
-    if mod.bias is not None:
-        out += mod.bias.float()
-    return out.to(x.dtype)
+    return avx2_gemv(mod, x)
+
+
+avx2_kernel.all_rows = avx2_gemv  # the row-invariant path, for batch_invariant (int8/int4's avx2 kernels too)
 
 
 def fp16_chunks_kernel(mod: PackedLinear, x: torch.Tensor) -> torch.Tensor:
@@ -206,15 +224,22 @@ def _chunk_buffer(linear: Linear, buffers: dict[int, torch.Tensor]) -> None:
 _SMALL_NORM = 1 << 16  # elements: a decode step's norms (1-16 rows), where dispatch costs more than the work
 
 
-def rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, norm, every_size: bool = False) -> torch.Tensor:
     """One fused call for fp32 activations: our single-threaded kernel on decode-sized inputs (sum of
-    squares reassociated, within 1e-7 of the reference's), else ``F.rms_norm`` (bitwise the
-    reference's); other dtypes take the module."""
+    squares reassociated, within 1e-7 of the reference's; on inputs of every size with ``every_size``),
+    else ``F.rms_norm`` (bitwise the reference's); other dtypes take the module."""
     if x.dtype != torch.float32 or norm.weight.dtype != torch.float32:
         return norm(x)
-    if x.numel() <= _SMALL_NORM and x.device.type == "cpu" and cpu_gemv.unavailable_reason() is None:
+    if (every_size or x.numel() <= _SMALL_NORM) and x.device.type == "cpu" and cpu_gemv.unavailable_reason() is None:
         return cpu_gemv.rms_norm(x.contiguous(), norm.weight, norm.eps)
     return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
+
+
+class KernelRMSNorm(RMSNorm):
+    """The decoder's final norm through our kernel at every size (``batch_invariant``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self, every_size=True)
 
 
 def _one_call_qk(attn, h: torch.Tensor, cos: torch.Tensor) -> bool:
@@ -230,7 +255,7 @@ _EXACT_ATTENTION = ("sdpa", "eager")  # whose decode rows our kernel may compute
 
 
 def _one_call_attention(attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether ``decode_attention`` serves this call: one query per sequence, fp32 on a CPU where our
+    """Whether ``causal_attention`` serves this decode call: one query per sequence, fp32 on a CPU where our
     kernels built, under an exact attention option (the approximate ones keep their own algorithm)."""
     return (q.shape[2] == 1 and getattr(attention, "name", None) in _EXACT_ATTENTION and q.dtype == torch.float32
             and k.dtype == v.dtype == torch.float32 and q.device.type == "cpu"
@@ -240,37 +265,41 @@ def _one_call_attention(attention, q: torch.Tensor, k: torch.Tensor, v: torch.Te
 class LeanDecoderLayer(DecoderLayer):
     """``DecoderLayer`` with the same arithmetic in fewer operations (see the module docstring).
 
-    Calls without a cache, caches that watch the queries (H2O) and attention modules something hooks
-    (FastV scores layer K-1's attention from a forward hook) take the reference layer."""
+    Calls without a cache (unless ``batch_invariant``), caches that watch the queries (H2O) and
+    attention modules something hooks (FastV scores layer K-1's attention from a forward hook) take the
+    reference layer. With ``batch_invariant`` every row of every call takes our kernels."""
+
+    batch_invariant = False
 
     def forward(self, x, cos, sin, mask, cache, attention) -> torch.Tensor:
         attn = self.self_attn
-        if cache is None or getattr(cache, "observes_queries", False) or attn._forward_hooks or \
-                attn._forward_pre_hooks:
+        invariant = self.batch_invariant
+        if (cache is None and not invariant) or getattr(cache, "observes_queries", False) or attn._forward_hooks \
+                or attn._forward_pre_hooks:
             return super().forward(x, cos, sin, mask, cache, attention)
         b, n, _ = x.shape
-        h = rms_norm(x, self.input_layernorm)
-        if _one_call_qk(attn, h, cos):  # a decode step: norms and rotary of q/k in one kernel call
+        h = rms_norm(x, self.input_layernorm, every_size=invariant)
+        if invariant or _one_call_qk(attn, h, cos):  # norms and rotary of q/k in one kernel call
             hq, hk = attn.qkv_sizes[0] // attn.head_dim, attn.qkv_sizes[1] // attn.head_dim
-            q, k, v = cpu_gemv.qk_norm_rope(attn.qkv_proj(h).view(b, -1), attn.q_norm, attn.k_norm,
-                                            cos.reshape(b, -1), sin.reshape(b, -1), hq, hk)
-            q, k, v = q.view(b, hq, 1, -1), k.view(b, hk, 1, -1), v.view(b, hk, 1, -1)
+            q, k, v = cpu_gemv.qk_norm_rope(attn.qkv_proj(h).view(b * n, -1), attn.q_norm, attn.k_norm,
+                                            cos.reshape(b * n, -1), sin.reshape(b * n, -1), hq, hk)
+            q, k, v = (t.view(b, n, -1, attn.head_dim).transpose(1, 2) for t in (q, k, v))
         else:
             q, k, v = attn.project(h)
             q = rms_norm(q.view(b, n, -1, attn.head_dim), attn.q_norm).transpose(1, 2)
             k = rms_norm(k.view(b, n, -1, attn.head_dim), attn.k_norm).transpose(1, 2)
             v = v.view(b, n, -1, attn.head_dim).transpose(1, 2)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        k, v, key_valid = cache.update(attn.layer_idx, k, v)
-        if _one_call_attention(attention, q, k, v):  # one query: every key it may see is cached, no causal cut
-            out = cpu_gemv.decode_attention(q, k, v, key_valid, attn.head_dim**-0.5)
+        k, v, key_valid = (k, v, mask.key_valid) if cache is None else cache.update(attn.layer_idx, k, v)
+        if invariant or _one_call_attention(attention, q, k, v):  # the rows' keys are all cached: causal
+            out = cpu_gemv.causal_attention(q, k, v, key_valid, attn.head_dim**-0.5)
         else:
             out = attention.text(q, k, v, AttentionMask(key_valid, mask.causal), attn.head_dim**-0.5)
         h = x + attn.o_proj(out.transpose(1, 2).reshape(b, n, -1))
-        h2 = rms_norm(h, self.post_attention_layernorm)
+        h2 = rms_norm(h, self.post_attention_layernorm, every_size=invariant)
         mlp = self.mlp
-        if n == 1 and type(mlp) is FusedTextMLP and h2.dtype == torch.float32 and h2.device.type == "cpu" \
-                and cpu_gemv.unavailable_reason() is None:
+        if invariant or (n == 1 and type(mlp) is FusedTextMLP and h2.dtype == torch.float32
+                         and h2.device.type == "cpu" and cpu_gemv.unavailable_reason() is None):
             return h + mlp.down_proj(cpu_gemv.silu_mul(mlp.gate_up_proj(h2).contiguous()))
         return h + mlp(h2)
 
@@ -279,13 +308,16 @@ class CpuPackedExecution:
     name = "cpu_packed"
 
     def __init__(self, model, target: Target, kernel: str = "auto", fuse: bool = True, lean: bool = True,
-                 threads: int = 0, huge_pages: bool = True) -> None:
+                 threads: int = 0, huge_pages: bool = True, batch_invariant: bool = False) -> None:
         if kernel not in KERNELS:
             raise ValueError(f"cpu_packed kernel '{kernel}' unknown; kernels are: {', '.join(KERNELS)}")
         if threads < 0:
             raise ValueError(f"cpu_packed threads must be >= 0 (0: the process's setting), got {threads}")
         storage = model.lm_head.weight.dtype if isinstance(model.lm_head, Linear) else model.compute_dtype
         choices = available_kernels(storage)
+        if batch_invariant:
+            _check_batch_invariant(model, kernel, choices, fuse, lean)
+            kernel = "avx2"
         if kernel == "auto":
             kernel = choices[0]
         elif kernel not in choices:
@@ -316,6 +348,9 @@ class CpuPackedExecution:
                 if type(layer) is DecoderLayer:
                     layer.__class__ = LeanDecoderLayer
                     self.lean_layers += 1
+        self.batch_invariant = batch_invariant
+        if batch_invariant:
+            _make_batch_invariant(model)
 
     @contextlib.contextmanager
     def _threads(self):
@@ -340,7 +375,39 @@ class CpuPackedExecution:
         return {"option": self.name, "kernel": self.kernel, "fused_layers": self.fused_layers,
                 "packed_layers": self.packed_layers, "lean_layers": self.lean_layers,
                 "extra_bytes": self.extra_bytes, "threads": self.threads or torch.get_num_threads(),
-                "huge_pages": self.huge_pages}
+                "huge_pages": self.huge_pages, "batch_invariant": self.batch_invariant}
+
+
+def _check_batch_invariant(model, kernel: str, choices: list[str], fuse: bool, lean: bool) -> None:
+    """Refuse, naming the problem, a model whose text path cannot run every row through our kernels."""
+    problems = []
+    if cpu_gemv.unavailable_reason() is not None:
+        problems.append(cpu_gemv.unavailable_reason())
+    if kernel not in ("auto", "avx2") or "avx2" not in choices:
+        problems.append(f"it runs on our avx2 kernel, not '{kernel}' (available here: {', '.join(choices)})")
+    if model.compute_dtype != torch.float32:
+        problems.append(f"our kernels compute in fp32, this model in {model.compute_dtype}")
+    if not (fuse and lean):
+        problems.append("it needs fuse and lean")
+    if getattr(model.attention, "name", None) not in _EXACT_ATTENTION:
+        problems.append(f"attention={model.attention.name} is not one our kernel replaces exactly "
+                        f"({', '.join(_EXACT_ATTENTION)})")
+    for mod in [*model.language_model.layers.modules(), model.lm_head]:
+        if isinstance(mod, QuantLinear) and not hasattr(mod.kernel, "all_rows"):
+            problems.append(f"quant kernel {mod.kernel.__name__} has no row-invariant path (int8/int4's avx2 do)")
+            break
+    if problems:
+        raise ValueError("cpu_packed batch_invariant: " + "; ".join(problems))
+
+
+def _make_batch_invariant(model) -> None:
+    """Every text-decoder row through kernels whose per-row sums do not depend on the row count."""
+    for mod in [*model.language_model.layers.modules(), model.lm_head]:
+        if isinstance(mod, (PackedLinear, QuantLinear)):
+            mod.kernel = mod.kernel.all_rows
+    for layer in model.language_model.layers:
+        layer.batch_invariant = True
+    model.language_model.norm.__class__ = KernelRMSNorm
 
 
 def _cpu_kernels_reason(target: Target) -> str | None:
@@ -364,6 +431,7 @@ OPTION = Optimization(
     # Packing replaces the weights the memory options stream; the lean layer writes through update().
     needs=("memory=resident",),
     fallback="eager",
-    defaults={"kernel": "auto", "fuse": True, "lean": True, "threads": 0, "huge_pages": True},
+    defaults={"kernel": "auto", "fuse": True, "lean": True, "threads": 0, "huge_pages": True,
+              "batch_invariant": False},
     variants=({"kernel": "auto"}, {"kernel": "none"}),
 )

@@ -57,9 +57,15 @@ def int4pack_kernel(mod: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     return out.to(x.dtype)
 
 
+def avx2_gemv(mod: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """Every row through our GEMV (each row's inputs rounded to int16 on their own, so a row's result
+    does not depend on the row count)."""
+    return cpu_gemv.gemv_int4(x.float().contiguous(), mod.weight, mod.scale, mod.offset, mod.group).to(x.dtype)
+
+
 def avx2_kernel(mod: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     if x.shape[0] <= SMALL_BATCH_ROWS:
-        return cpu_gemv.gemv_int4(x.float().contiguous(), mod.weight, mod.scale, mod.offset, mod.group).to(x.dtype)
+        return avx2_gemv(mod, x)
     rows = mod.out_features
     out = torch.empty(x.shape[0], rows, dtype=x.dtype)
     for s in range(0, rows, _AVX2_CHUNK_ROWS):
@@ -72,6 +78,7 @@ def avx2_kernel(mod: QuantLinear, x: torch.Tensor) -> torch.Tensor:
 # per-output-row buffers that concatenate exactly along rows (blocks of eight rows), so fusion.py can
 # fuse q/k/v and gate/up
 avx2_kernel.row_buffers = ("weight", "scale", "offset")
+avx2_kernel.all_rows = avx2_gemv  # execution=cpu_packed[batch_invariant] runs prefill rows through it too
 
 KERNELS = {"avx2": avx2_kernel, "dequant": dequant_kernel, "int4pack": int4pack_kernel}
 

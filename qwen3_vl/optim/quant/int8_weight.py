@@ -63,13 +63,21 @@ def int8pack_kernel(mod: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     return torch._weight_int8pack_mm(x.to(torch.bfloat16), mod.weight, mod.scale_bf16).to(x.dtype)
 
 
-def avx2_kernel(mod: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    if x.shape[0] > SMALL_BATCH_ROWS:
-        return dequant_kernel(mod, x)
+def avx2_gemv(mod: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """Every row through our GEMV, each row's sums in the same order whatever the row count."""
     x32 = x.float().contiguous()
     if mod.weight.dim() == 3:
         return cpu_gemv.gemv_packed8(x32, mod.weight, mod.scale).to(x.dtype)
     return cpu_gemv.gemv(x32, mod.weight, mod.scale).to(x.dtype)
+
+
+def avx2_kernel(mod: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    if x.shape[0] > SMALL_BATCH_ROWS:
+        return dequant_kernel(mod, x)
+    return avx2_gemv(mod, x)
+
+
+avx2_kernel.all_rows = avx2_gemv  # execution=cpu_packed[batch_invariant] runs prefill rows through it too
 
 
 def fbgemm_kernel(mod: QuantLinear, x: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,10 @@ grid and compute dtype, so the logits are bitwise those of ``full``.
 - Vision outputs (merged tokens + DeepStack features) are cached per request's pixel set in an
   LRU bounded in bytes, optionally backed by a directory of safetensors files.
 - ``reuses_prefix``: a ``qwen3_vl.session.Session`` keeps the KV of an unchanged conversation
-  prefix and prefills only the new turn.
+  prefix and prefills only the new turn. The new turn's logits equal a full recompute to fp32
+  rounding (PyTorch's GEMMs and attention block by row count); bitwise with
+  ``execution=cpu_packed[batch_invariant=true]``, whose kernels compute every row the same way
+  whatever the row count.
 
 The cache key is a SHA-256 over a header (pixel shape and dtype, grid, compute dtype) and the pixel
 bytes. Each entry also stores that header and a BLAKE2b digest of the bytes, compared on every

@@ -195,10 +195,10 @@ def test_fastv_scores_through_the_lean_layers(tiny_checkpoint, ours_tiny, kernel
 @pytest.mark.parametrize("attention, ours", [("sdpa", True), ("eager", True), ("block_sparse", False)])
 def test_decode_rows_take_our_attention_and_activation_only_under_exact_attention(tiny_checkpoint, prompt,
                                                                                   monkeypatch, attention, ours):
-    """Decode steps of the lean layer call ``decode_attention`` instead of the attention option only
+    """Decode steps of the lean layer call ``causal_attention`` instead of the attention option only
     when that option is exact (an approximate one is what the plan asked to measure), and
     ``silu_mul`` for the fused MLP; prefill keeps the option's own path."""
-    calls = {"decode_attention": 0, "silu_mul": 0}
+    calls = {"causal_attention": 0, "silu_mul": 0}
     for name in calls:
         real = getattr(cpu_gemv, name)
         monkeypatch.setattr(cpu_gemv, name, lambda *a, _real=real, _name=name: calls.__setitem__(
@@ -208,5 +208,5 @@ def test_decode_rows_take_our_attention_and_activation_only_under_exact_attentio
                                                           "execution=cpu_packed")
     steps, layers = 6, model.config.text.num_hidden_layers
     generate(model, ids, inputs, steps + 1)
-    assert calls["decode_attention"] == (steps * layers if ours else 0)
+    assert calls["causal_attention"] == (steps * layers if ours else 0)
     assert calls["silu_mul"] == steps * layers

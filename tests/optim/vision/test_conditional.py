@@ -1,10 +1,13 @@
 """vision=conditional: bitwise equal to full on repeated images and text-only requests, and a multi-turn
-Session that reuses the KV of the unchanged prefix (exact to fp32 rounding, same greedy tokens)."""
+Session that reuses the KV of the unchanged prefix (exact to fp32 rounding, same greedy tokens; bitwise
+with execution=cpu_packed[batch_invariant])."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from qwen3_vl.kernels import cpu_gemv
 from qwen3_vl.session import Session
 from tests.model.prompts import image_prompt, relative_error, text_ids, video_prompt
 
@@ -139,3 +142,60 @@ def test_plan_reports_conditional_as_exact():
     model = build("vision=conditional[cache_mb=1]")
     assert "vision=conditional[cache_mb=1]" in model.plan.id
     assert model.vision.cache.max_bytes == 1 << 20
+
+
+# ---------------------------------------------------------------------------------------------
+# Bitwise prefix reuse: with execution=cpu_packed[batch_invariant] every text-decoder row runs through
+# kernels whose sums do not depend on how many rows a call holds, so a turn prefilled over a reused
+# cache gives the very bits of recomputing the whole conversation.
+
+INVARIANT = "attention=sdpa,kv_cache=static,execution=cpu_packed[batch_invariant=true]"
+needs_kernels = pytest.mark.skipif(cpu_gemv.unavailable_reason() is not None, reason=str(cpu_gemv.unavailable_reason()))
+
+
+@needs_kernels
+@pytest.mark.parametrize("quant", ["", ",quant=int8_weight"])
+def test_batch_invariant_kernels_make_prefix_reuse_bitwise(quant):
+    full, cond = build(INVARIANT + quant), build(INVARIANT + quant + ",vision=conditional")
+    ids, pixels, grid = image_prompt(full.config, [(1, 8, 12)], seed=5)
+    ref_session, session, conv = Session(full), Session(cond), ids
+    for turn in range(3):
+        ours, ref = session.prefill(conv, pixels, grid), ref_session.prefill(conv, pixels, grid)
+        assert (session.last_prefill["reused"] > 0) == (turn > 0) and ref_session.last_prefill["reused"] == 0
+        assert torch.equal(ours, ref)  # reused prefix + new rows == the whole conversation recomputed
+        assert torch.equal(ours, last_logits(full, conv, pixel_values=pixels, image_grid_thw=grid))
+        answer = session.generate(conv, pixels, grid, max_new_tokens=4, eos_token_id=[])
+        assert torch.equal(answer, ref_session.generate(conv, pixels, grid, max_new_tokens=4, eos_token_id=[]))
+        conv = _turn(conv, answer, 5, seed=30 + turn)
+    if not quant:  # and still exact against the reference model, to fp32 rounding
+        expected = last_logits(build(), conv, pixel_values=pixels, image_grid_thw=grid)
+        assert relative_error(session.prefill(conv, pixels, grid), expected) <= 1e-5
+
+
+@needs_kernels
+def test_a_row_count_dependent_kernel_breaks_bitwise_reuse():
+    """Planted fault: layer 0's down projection back on PyTorch's GEMM (blocked by row count):
+    the reused turn's logits now differ from recomputing in the last bits, and the test sees it."""
+    full, cond = build(INVARIANT), build(INVARIANT + ",vision=conditional")
+    for model in (full, cond):
+        layer = model.language_model.layers[0].mlp.down_proj
+        layer.kernel = lambda mod, x: torch.nn.functional.linear(x, mod.weight)
+    ids, pixels, grid = image_prompt(full.config, [(1, 8, 12)], seed=5)
+    session = Session(cond)
+    answer = session.generate(ids, pixels, grid, max_new_tokens=4, eos_token_id=[])
+    conv = _turn(ids, answer, 6, seed=6)
+    ours = session.prefill(conv, pixels, grid)
+    assert session.last_prefill["reused"] > 0
+    ref = last_logits(full, conv, pixel_values=pixels, image_grid_thw=grid)
+    assert not torch.equal(ours, ref) and relative_error(ours, ref) <= 1e-5
+
+
+@needs_kernels
+@pytest.mark.parametrize("plan, problem", [
+    ("attention=block_sparse,execution=cpu_packed[batch_invariant=true]", "attention=block_sparse is not one"),
+    ("execution=cpu_packed[batch_invariant=true;kernel=mkldnn]", "not 'mkldnn'"),
+    ("quant=int8_weight[kernel=fbgemm],execution=cpu_packed[batch_invariant=true]", "fbgemm_kernel has no row"),
+])
+def test_batch_invariance_is_refused_where_it_cannot_hold(plan, problem):
+    with pytest.raises(ValueError, match=problem):
+        build(plan)
