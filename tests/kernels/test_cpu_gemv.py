@@ -49,6 +49,22 @@ def test_both_layouts_compute_the_product_of_the_stored_weights(n8, k, b, dtype,
     assert rel(cpu_gemv.gemv_packed8(x, cpu_gemv.pack8(w), scale), exact) <= 1e-5
 
 
+@settings(max_examples=25, deadline=None)
+@given(n8=st.integers(1, 12), k=st.integers(1, 200), b=st.integers(2, 11), dtype=st.sampled_from(DTYPES),
+       seed=st.integers(0, 2**16))
+def test_a_row_gives_the_same_bits_alone_as_among_other_rows_in_every_layout(n8, k, b, dtype, seed):
+    """Batch invariance: the product of each input row alone equals, bit for bit, its row of the product of
+    all rows together (input rows go three at a time through shared weight loads, then two, then one)."""
+    x, w, scale, _ = case(8 * n8, k, b, dtype, seed)
+    for product, weight in ((cpu_gemv.gemv, w), (cpu_gemv.gemv_packed8, cpu_gemv.pack8(w))):
+        together = product(x, weight, scale)
+        assert all(torch.equal(product(x[i:i + 1], weight, scale)[0], together[i]) for i in range(b))
+    if k % 8 == 0 and dtype == torch.float32:
+        _, (codes, s4, offset), _ = int4_case(8 * n8, k, 8, 1, seed)
+        together = cpu_gemv.gemv_int4(x, codes, s4, offset, 8)
+        assert all(torch.equal(cpu_gemv.gemv_int4(x[i:i + 1], codes, s4, offset, 8)[0], together[i]) for i in range(b))
+
+
 @given(n=st.integers(1, 37), k=st.integers(1, 50))
 def test_row_major_handles_row_counts_that_are_not_multiples_of_four(n, k):
     x, w, scale, exact = case(n, k, 1, torch.float32, 0)

@@ -48,10 +48,11 @@ then gives the same bits in a prefill, a decode step or a turn prefilled over a 
 ``vision=conditional`` session's reused prefix is bitwise a full recompute (PyTorch's GEMMs and SDPA
 block by row count, which is why the two otherwise differ in the last bits). Needs our AVX2 kernels,
 fp32 compute, an exact attention option (sdpa, eager) and, quantized, int8/int4's avx2 kernels; refused
-with the reason otherwise. Its cost is prefill: rows through a GEMV instead of a blocked GEMM. On mini
-(AVX2 CI machine) a 115-token image prompt took 918 ms against 756, a 228-token one 1.85 s against the
-reference plan's 1.25 s (run ``20261203T153309Z-84ecd5``); decode is unchanged, and a second turn that
-reuses the prefix took 0.13 s against 1.39 s recomputed.
+with the reason otherwise. Measured on mini (AVX2 CI machine, 115-token image prompt, one process): fp32
+prefill 500 ms against the default plan's 653 (our GEMV takes prefill rows three at a time through shared
+weight loads, ~100 GFLOP/s), int8 821 against 644 (the default dequantizes blocks for a GEMM); decode
+unchanged. A second turn reusing its prefix: 0.11 s against 1.51 s recomputed (run
+``20261203T154119Z-c0a392``, 228-token prompt).
 
 ``threads`` (0: leave the process's setting) runs prefill and decode with that many threads and
 restores the setting afterwards: on a machine whose cores are busy with other work, OpenMP with
