@@ -15,8 +15,8 @@ one timestamp per 2-frame temporal patch. The two oracles round differently in t
 Prompt expansion: each ``<|image_pad|>`` becomes ``t*h*w/4`` copies; each video
 ``<|vision_start|><|video_pad|><|vision_end|>`` becomes one ``<{t:.1f} seconds><|vision_start|>
 <|video_pad|>*(h*w/4)<|vision_end|>`` group per temporal patch (transformers 4.57 and the spec).
-transformers 5.x replaces only the inner ``<|video_pad|>`` and so keeps an outer start/end pair;
-``keep_outer_video_wrapper=True`` reproduces that layout.
+transformers 5.0-5.24 replace only the inner ``<|video_pad|>`` and so keep an outer start/end pair
+(``keep_outer_video_wrapper=True`` reproduces that layout); 5.25 replaces the whole triple again.
 """
 
 from __future__ import annotations
