@@ -152,9 +152,16 @@ def avx2_gemv(mod: PackedLinear, x: torch.Tensor) -> torch.Tensor:
     return out.to(x.dtype)
 
 
+GEMV_PREFILL_ROWS = 1024  # fp32 prefill rows our GEMV takes (inputs stay in L2 between weight blocks)
+
+
 def avx2_kernel(mod: PackedLinear, x: torch.Tensor) -> torch.Tensor:
-    """Decode rows through our GEMV; prefill through PyTorch's GEMMs."""
-    if x.shape[0] > SMALL_BATCH_ROWS:
+    """Decode rows through our GEMV, and fp32 prompts of up to ``GEMV_PREFILL_ROWS`` rows too (it takes
+    them three at a time through shared weight loads: on the AVX2 CI machine as fast as PyTorch's GEMM
+    on 3072x1024 up to 1000 rows, 56 against 88 GFLOP/s at 2000; mini's 115-token image prompt
+    prefilled in 598 ms against 759 in one process); longer prompts and fp16/bf16 storage through
+    PyTorch's GEMMs."""
+    if x.shape[0] > SMALL_BATCH_ROWS and (mod.packed is not None or x.shape[0] > GEMV_PREFILL_ROWS):
         if mod.packed is None:
             return F.linear(x, mod.weight.to(x.dtype), None if mod.bias is None else mod.bias.to(x.dtype))
         if x.dtype == torch.float32:

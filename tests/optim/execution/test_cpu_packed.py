@@ -9,6 +9,7 @@ import torch
 import qwen3_vl
 from qwen3_vl.hardware.huge_pages import unavailable_reason as huge_pages_reason
 from qwen3_vl.kernels import cpu_gemv
+from qwen3_vl.model.layers import Linear
 from qwen3_vl.optim.execution import cpu_packed
 from qwen3_vl.optim.execution.cpu_packed import LeanDecoderLayer, PackedLinear, available_kernels
 from qwen3_vl.optim.plan import Plan, Target, conflicts_of, resolve
@@ -210,3 +211,19 @@ def test_decode_rows_take_our_attention_and_activation_only_under_exact_attentio
     generate(model, ids, inputs, steps + 1)
     assert calls["causal_attention"] == (steps * layers if ours else 0)
     assert calls["silu_mul"] == steps * layers
+
+
+@pytest.mark.skipif(cpu_gemv.unavailable_reason() is not None, reason=str(cpu_gemv.unavailable_reason()))
+@pytest.mark.parametrize("rows", [1, 100, cpu_packed.GEMV_PREFILL_ROWS + 3])
+def test_fp32_rows_on_both_sides_of_the_gemv_prefill_limit_are_the_linear(rows, monkeypatch):
+    linear = Linear(96, 40)
+    torch.nn.init.normal_(linear.weight)
+    x = torch.randn(rows, 96)
+    expected = torch.nn.functional.linear(x.double(), linear.weight.double(), linear.bias.double())
+    calls = []
+    real = cpu_gemv.gemv
+    monkeypatch.setattr(cpu_gemv, "gemv", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    cpu_packed.pack_linear(linear, "avx2", {}, keep_weight=False)
+    out = linear(x)
+    assert ((out.double() - expected).abs().max() / expected.abs().max()).item() <= 1e-5
+    assert calls == ([] if rows > cpu_packed.GEMV_PREFILL_ROWS else [rows])
