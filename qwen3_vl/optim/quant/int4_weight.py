@@ -23,7 +23,6 @@ Prefill-sized inputs (more than ``SMALL_BATCH_ROWS`` rows) always take ``dequant
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from qwen3_vl.kernels import cpu_gemv
 from qwen3_vl.optim.plan import Optimization
@@ -31,6 +30,7 @@ from qwen3_vl.optim.quant.weights import (
     SMALL_BATCH_ROWS,
     QuantLinear,
     dequantize_int4,
+    linear_in_row_blocks,
     quantize_int4,
     swap_in,
     unpack_int4,
@@ -41,13 +41,8 @@ _AVX2_CHUNK_ROWS = 512  # prefill: rows dequantized at a time (2 MiB of fp32 at 
 
 
 def dequant_kernel(mod: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    rows, g = mod.out_features, mod.group
-    out = torch.empty(x.shape[0], rows, dtype=x.dtype, device=x.device)
-    for s in range(0, rows, _CHUNK_ROWS):
-        e = s + _CHUNK_ROWS
-        w = dequantize_int4(mod.weight[s:e], mod.scale[s:e], mod.zero[s:e], g, x.dtype)
-        out[:, s:e] = F.linear(x, w)
-    return out
+    return linear_in_row_blocks(x, mod.out_features, _CHUNK_ROWS, lambda s, e: dequantize_int4(
+        mod.weight[s:e], mod.scale[s:e], mod.zero[s:e], mod.group, x.dtype))
 
 
 def int4pack_kernel(mod: QuantLinear, x: torch.Tensor) -> torch.Tensor:
@@ -66,13 +61,8 @@ def avx2_gemv(mod: QuantLinear, x: torch.Tensor) -> torch.Tensor:
 def avx2_kernel(mod: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     if x.shape[0] <= SMALL_BATCH_ROWS:
         return avx2_gemv(mod, x)
-    rows = mod.out_features
-    out = torch.empty(x.shape[0], rows, dtype=x.dtype)
-    for s in range(0, rows, _AVX2_CHUNK_ROWS):
-        e = min(rows, s + _AVX2_CHUNK_ROWS)
-        w = cpu_gemv.unpack_int4_float(mod.weight, mod.scale, mod.offset, mod.group, s, e)
-        out[:, s:e] = F.linear(x, w.to(x.dtype))
-    return out
+    return linear_in_row_blocks(x, mod.out_features, _AVX2_CHUNK_ROWS, lambda s, e: cpu_gemv.unpack_int4_float(
+        mod.weight, mod.scale, mod.offset, mod.group, s, e).to(x.dtype))
 
 
 # per-output-row buffers that concatenate exactly along rows (blocks of eight rows), so fusion.py can
@@ -85,8 +75,7 @@ KERNELS = {"avx2": avx2_kernel, "dequant": dequant_kernel, "int4pack": int4pack_
 
 def dequantize_rows(mod: QuantLinear, ids: torch.Tensor) -> torch.Tensor:
     if mod.kernel is avx2_kernel:  # rows out of the interleaved layout: block ids // 8, lane ids % 8
-        codes = cpu_gemv.packed8_rows(mod.weight, ids)
-        q = torch.stack((codes & 15, codes >> 4), dim=-1).view(len(ids), -1, mod.group).float()
+        q = unpack_int4(cpu_gemv.packed8_rows(mod.weight, ids)).view(len(ids), -1, mod.group).float()
         scale, offset = cpu_gemv.packed8_rows(mod.scale, ids), cpu_gemv.packed8_rows(mod.offset, ids)
         return (q * scale[..., None] + offset[..., None]).view(len(ids), -1)
     return dequantize_int4(mod.weight[ids], mod.scale[ids], mod.zero[ids], mod.group, torch.float32)

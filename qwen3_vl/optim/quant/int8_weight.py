@@ -25,11 +25,10 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 from qwen3_vl.kernels import cpu_gemv
 from qwen3_vl.optim.plan import Optimization
-from qwen3_vl.optim.quant.weights import SMALL_BATCH_ROWS, QuantLinear, quantize_int8, swap_in
+from qwen3_vl.optim.quant.weights import SMALL_BATCH_ROWS, QuantLinear, linear_in_row_blocks, quantize_int8, swap_in
 
 # Output rows dequantized at a time. On a GPU: bounds the temporary with few launches. On a CPU: a block
 # that stays in cache while the GEMM reads it (mini prefill on the AVX2 machine, hand-run: 613 ms median
@@ -48,12 +47,8 @@ def codes_as(mod: QuantLinear, dtype: torch.dtype, start: int = 0, end: int | No
 
 
 def dequant_kernel(mod: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    rows, chunk = mod.out_features, _CHUNK_ROWS.get(x.device.type, _CHUNK_ROWS_DEFAULT)
-    if rows <= chunk:
-        return F.linear(x, codes_as(mod, x.dtype)) * mod.scale.to(x.dtype)
-    out = torch.empty(x.shape[0], rows, dtype=x.dtype, device=x.device)
-    for s in range(0, rows, chunk):
-        out[:, s : s + chunk] = F.linear(x, codes_as(mod, x.dtype, s, s + chunk))
+    chunk = _CHUNK_ROWS.get(x.device.type, _CHUNK_ROWS_DEFAULT)
+    out = linear_in_row_blocks(x, mod.out_features, chunk, lambda s, e: codes_as(mod, x.dtype, s, e))
     return out.mul_(mod.scale.to(x.dtype))
 
 

@@ -54,6 +54,16 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((packed & 15, packed >> 4), dim=-1).view(packed.shape[0], -1)
 
 
+def linear_in_row_blocks(x: torch.Tensor, rows: int, block: int, weight_rows) -> torch.Tensor:
+    """``x @ W.T`` for a ``rows``-row weight that ``weight_rows(start, end)`` materializes ``block`` output
+    rows at a time (dequantized into a temporary that stays small, or in cache on a CPU)."""
+    out = torch.empty(x.shape[0], rows, dtype=x.dtype, device=x.device)
+    for start in range(0, rows, block):
+        end = min(rows, start + block)
+        out[:, start:end] = F.linear(x, weight_rows(start, end))
+    return out
+
+
 def dequantize_int4(packed, scale, zero, group: int, dtype: torch.dtype) -> torch.Tensor:
     n = packed.shape[0]
     q = unpack_int4(packed).view(n, -1, group).to(dtype)
