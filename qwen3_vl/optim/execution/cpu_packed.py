@@ -234,13 +234,19 @@ def _chunk_buffer(linear: Linear, buffers: dict[int, torch.Tensor]) -> None:
 _SMALL_NORM = 1 << 16  # elements: a decode step's norms (1-16 rows), where dispatch costs more than the work
 
 
+def _ours_take(*tensors: torch.Tensor) -> bool:
+    """Whether our single-call kernels take these tensors: fp32 on a CPU where the kernels built."""
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors) and \
+        cpu_gemv.unavailable_reason() is None
+
+
 def rms_norm(x: torch.Tensor, norm, every_size: bool = False) -> torch.Tensor:
     """One fused call for fp32 activations: our single-threaded kernel on decode-sized inputs (sum of
     squares reassociated, within 1e-7 of the reference's; on inputs of every size with ``every_size``),
     else ``F.rms_norm`` (bitwise the reference's); other dtypes take the module."""
     if x.dtype != torch.float32 or norm.weight.dtype != torch.float32:
         return norm(x)
-    if (every_size or x.numel() <= _SMALL_NORM) and x.device.type == "cpu" and cpu_gemv.unavailable_reason() is None:
+    if (every_size or x.numel() <= _SMALL_NORM) and _ours_take(x):
         return cpu_gemv.rms_norm(x.contiguous(), norm.weight, norm.eps)
     return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
 
@@ -256,9 +262,8 @@ def _one_call_qk(attn, h: torch.Tensor, cos: torch.Tensor) -> bool:
     """Whether ``qk_norm_rope`` serves this call: one new token per row, fused q/k/v, fp32 on a CPU
     where our kernels built, cos/sin one row of head_dim per sequence ([B, 1, 1, d] as the layers get them)."""
     b, n, _ = h.shape
-    return (n == 1 and hasattr(attn, "qkv_sizes") and h.dtype == torch.float32 and h.device.type == "cpu"
-            and attn.q_norm.weight.dtype == torch.float32 and cos.dtype == torch.float32
-            and cos.numel() == b * attn.head_dim and cos.is_contiguous() and cpu_gemv.unavailable_reason() is None)
+    return (n == 1 and hasattr(attn, "qkv_sizes") and _ours_take(h, attn.q_norm.weight, cos)
+            and cos.numel() == b * attn.head_dim and cos.is_contiguous())
 
 
 _EXACT_ATTENTION = ("sdpa", "eager")  # whose decode rows our kernel may compute instead (same softmax, reassociated)
@@ -267,9 +272,8 @@ _EXACT_ATTENTION = ("sdpa", "eager")  # whose decode rows our kernel may compute
 def _one_call_attention(attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether ``causal_attention`` serves this decode call: one query per sequence, fp32 on a CPU where our
     kernels built, under an exact attention option (the approximate ones keep their own algorithm)."""
-    return (q.shape[2] == 1 and getattr(attention, "name", None) in _EXACT_ATTENTION and q.dtype == torch.float32
-            and k.dtype == v.dtype == torch.float32 and q.device.type == "cpu"
-            and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and cpu_gemv.unavailable_reason() is None)
+    return (q.shape[2] == 1 and getattr(attention, "name", None) in _EXACT_ATTENTION and _ours_take(q, k, v)
+            and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1)
 
 
 class LeanDecoderLayer(DecoderLayer):
@@ -308,8 +312,7 @@ class LeanDecoderLayer(DecoderLayer):
         h = x + attn.o_proj(out.transpose(1, 2).reshape(b, n, -1))
         h2 = rms_norm(h, self.post_attention_layernorm, every_size=invariant)
         mlp = self.mlp
-        if invariant or (n == 1 and type(mlp) is FusedTextMLP and h2.dtype == torch.float32
-                         and h2.device.type == "cpu" and cpu_gemv.unavailable_reason() is None):
+        if invariant or (n == 1 and type(mlp) is FusedTextMLP and _ours_take(h2)):
             return h + mlp.down_proj(cpu_gemv.silu_mul(mlp.gate_up_proj(h2).contiguous()))
         return h + mlp(h2)
 
