@@ -101,7 +101,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def qk_norm_rope(qkv: torch.Tensor, q_norm, k_norm, cos: torch.Tensor, sin: torch.Tensor, heads: int,
                  kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Decode rows of a fused q/k/v projection ``[R, (heads + 2 kv_heads) * d]`` -> q ``[R, heads, d]``
+    """Rows of a fused q/k/v projection ``[R, (heads + 2 kv_heads) * d]`` -> q ``[R, heads, d]``
     and k ``[R, kv_heads, d]`` RMS-normed per head (``q_norm``/``k_norm`` modules) and rotated by
     ``cos``/``sin`` ``[R, d]``, and v ``[R, kv_heads, d]``; fp32, contiguous."""
     return _ops().qk_norm_rope(qkv, q_norm.weight, k_norm.weight, q_norm.eps, k_norm.eps, cos, sin, heads, kv_heads)
