@@ -83,6 +83,8 @@ class Marks:
     so an interval is the device time between two points of the work, with no synchronisation
     while the work runs."""
 
+    needs_logits = False  # a step observer that only takes the time (model.step skips logits it need not make)
+
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
         self.points: list = []

@@ -130,25 +130,40 @@ class DecodeRequest:
     generator: torch.Generator | None
     streamer: object
 
+    def banned(self, step: int) -> list[int]:
+        """Token ids the step may not choose: the end tokens before ``min_new_tokens``."""
+        return self.eos if step < self.min_new_tokens else []
+
     def choose(self, logits: torch.Tensor, step: int, finished: torch.Tensor) -> torch.Tensor:
         """The step's tokens from [B, V] logits: end tokens masked before min_new_tokens, finished
         rows padded. Runs on the device with no host synchronisation."""
-        if step < self.min_new_tokens and self.eos:
+        if self.banned(step):
             logits = logits.float().clone()
             logits[:, self.eos] = float("-inf")
         token = sample_next(logits, self.do_sample, self.temperature, self.top_k, self.top_p, self.generator)
+        return self.pad_finished(token, finished)
+
+    def pad_finished(self, token: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
         return torch.where(finished, torch.full_like(token, self.pad), token)
 
 
-def decode_loop(model, request: DecodeRequest) -> torch.Tensor:
-    """The reference decode loop: one ``model.step`` per token. Returns [B, generated]."""
+def decode_loop(model, request: DecodeRequest, argmax=None) -> torch.Tensor:
+    """The reference decode loop: one ``model.step`` per token. Returns [B, generated].
+
+    ``argmax`` (an execution's, e.g. ``cpu_packed``'s screened output matrix): ``argmax(hidden [B, H],
+    banned ids) -> [B]``, the exact greedy tokens from the final-normed hidden states, so a greedy
+    request's decode steps skip the full logits."""
     batch = request.logits.shape[0]
     device = request.logits.device
     eos_ids = torch.tensor(request.eos, device=device, dtype=torch.long)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    logits, next_position, out = request.logits, request.next_position, []
+    hidden_only = argmax is not None and not request.do_sample
+    state, next_position, out = request.logits, request.next_position, []  # state: logits, or hidden states
     for step in range(request.max_new_tokens):
-        token = request.choose(logits[:, -1], step, finished)
+        if hidden_only and step:
+            token = request.pad_finished(argmax(state[:, -1], request.banned(step)), finished)
+        else:
+            token = request.choose(state[:, -1], step, finished)
         out.append(token)
         if request.streamer is not None:
             request.streamer.put(token.cpu())
@@ -159,6 +174,6 @@ def decode_loop(model, request: DecodeRequest) -> torch.Tensor:
         if step == request.max_new_tokens - 1:
             break
         embeds = model.language_model.embed_tokens(token[:, None]).to(model.compute_dtype)
-        logits = model.step(embeds, next_position.expand(3, batch, 1), None, request.cache)
+        state = model.step(embeds, next_position.expand(3, batch, 1), None, request.cache, hidden_only=hidden_only)
         next_position = next_position + 1
     return torch.stack(out, dim=1)

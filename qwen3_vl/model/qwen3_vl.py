@@ -133,9 +133,12 @@ class Qwen3VL(nn.Module):
         visual_mask: torch.Tensor | None = None,
         deepstack: list[torch.Tensor] | None = None,
         logits_to_keep: int = 0,
+        hidden_only: bool = False,
     ) -> torch.Tensor:
         """Run the decoder on ``embeds`` at 3D ``positions``; logits for the last ``logits_to_keep``
-        positions (all when 0). With a cache, the new tokens are appended to it."""
+        positions (all when 0). With a cache, the new tokens are appended to it. ``hidden_only``:
+        return the final-normed hidden states instead (for an execution that chooses greedy tokens
+        from them itself); the step observers that need logits still get them computed."""
         if visual_mask is not None:  # a pruning vision option may drop visual rows here
             embeds, positions, attention_mask, visual_mask, deepstack = self.vision.before_llm(
                 self, embeds, positions, attention_mask, visual_mask, deepstack
@@ -155,10 +158,12 @@ class Qwen3VL(nn.Module):
             cache.end_step()
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        logits = self.lm_head(hidden)
+        logits = None
+        if not hidden_only or any(getattr(o, "needs_logits", True) for o in self.step_observers):
+            logits = self.lm_head(hidden)
         for observer in self.step_observers:
             observer(logits)
-        return logits
+        return hidden if hidden_only else logits
 
     @torch.inference_mode()
     def forward(
