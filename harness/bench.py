@@ -8,7 +8,8 @@ Per engine, interleaved rounds (the order rotates): time to first token (``gener
 then ``generate`` of ``--new-tokens`` tokens with ``min_new_tokens == max_new_tokens``; decode time
 per token = (full - first) / (new - 1), in wall-clock and in this process's CPU time (on a shared
 machine the CPU time shows what other work took). Before timing, the floor is counted: the text
-decoder's weight bytes (every decode step reads them all; per engine, at its bytes per weight) over a
+decoder's weight bytes (every decode step reads them all; per engine, at its bytes per weight, and
+with ``cpu_packed``'s screened argmax the int8 screen in place of the output matrix) over a
 bandwidth measured here (on CUDA a device copy, bytes read + written, as issue 8's figures; on CPU
 a read of a buffer larger than every cache, since a decode step only reads its weights), and decode
 efficiency = floor / measured ms per token. Greedy tokens of every engine are compared with the
@@ -68,7 +69,7 @@ class Engine:
     fallbacks: list = field(default_factory=list)
     tokens: torch.Tensor | None = None
     model: object = None  # our model (for the teacher-forced error), None for other engines
-    bytes_per_weight: float | None = None  # what a decode step reads per text weight (None: the dtype's)
+    step_bytes: int | None = None  # what a decode step reads (None: the text weights at the dtype's size)
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 10) -> float:
@@ -130,8 +131,12 @@ def ours(label: str, config, state_dict, dtype, device, plan) -> Engine:
         return model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, eos_token_id=[])
 
     storage = storage_and_compute(dtype)[0]
-    return Engine(label, generate, model.plan, list(model.fallbacks), model=model,
-                  bytes_per_weight=quant_bytes_per_weight(model.plan, storage))
+    per_weight = quant_bytes_per_weight(model.plan, storage)
+    step_bytes = text_weight_bytes(config, storage, per_weight)
+    screen = getattr(model.execution, "argmax", None)
+    if screen is not None:  # greedy steps read the int8 screen (codes, scales, bounds) instead of the output matrix
+        step_bytes += screen.nbytes() - int(config.text.vocab_size * config.text.hidden_size * per_weight)
+    return Engine(label, generate, model.plan, list(model.fallbacks), model=model, step_bytes=step_bytes)
 
 
 @torch.inference_mode()
@@ -340,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cpu = cpu_seconds[engine.label]
             cpu_ms = (statistics.median(cpu[args.new_tokens]) - statistics.median(cpu[1])) / (args.new_tokens - 1) * 1e3
-            engine_floor = floor_ms * (engine.bytes_per_weight or storage.itemsize) / storage.itemsize
+            engine_floor = floor_ms * (engine.step_bytes or weight_bytes) / weight_bytes
             same = None if first.tokens is None or engine.tokens is None else int(
                 (engine.tokens == first.tokens).all(dim=0).cumprod(0).sum())
             mem = peak_memory(engine, inputs, args.new_tokens, device)
