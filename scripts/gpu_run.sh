@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything this project checks and times on a GPU, in stages, for the device tool:
 #   bash scripts/gpu_run.sh STAGE [STAGE ...]     (stages: setup exact bench2b bench8b attention
-#                                                  attention-pascal memory pascal vision harness)
+#                                                  attention-pascal memory pascal prefill-profile vision harness)
 # Results go to a results store under $OUT (packed as one tarball, since few files come back),
 # logs to $OUT/log.txt. Carried wheels (in .gpu_wheels) fill in what the GPU image lacks.
 set -uo pipefail
@@ -50,6 +50,7 @@ for s in "$@"; do
       done ;;
     attention-pascal) stage attention-pascal 150 python -m harness.bench_attention --preset 2b --device cuda \
                         --dtype fp16 --emulate sm61-laptop --results-dir "$RES" ;;
+    prefill-profile) stage prefill-profile 300 python scripts/gpu_prefill_profile.py ;;
     vision) stage vision 300 python -m pytest -q tests/optim/vision/test_devices.py ;;
     harness) stage harness 540 python -m harness.gpu_check --results-dir "$RES" ;;
     *) echo "unknown stage $s"; status=2 ;;
