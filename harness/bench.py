@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -272,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     config = preset(args.preset)
     storage = storage_and_compute(args.dtype)[0]
     plans = args.plan or DEFAULT_PLANS[device.type]
-    command = "python -m harness.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m harness.bench " + shlex.join(argv if argv is not None else sys.argv[1:])  # pastes into a shell
 
     print(f"building {args.preset} ({args.dtype}) on {device} ...", file=sys.stderr)
     reference = qwen3_vl.build(config, None, dtype=args.dtype, device=device, seed=args.seed)
