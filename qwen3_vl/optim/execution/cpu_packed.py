@@ -410,8 +410,8 @@ class CpuPackedExecution:
 
     def _screen_stats(self) -> str:
         a = self.argmax
-        mean = a.candidates / max(1, a.calls - a.full)
-        return (f"int8 copy of the output matrix ({a.nbytes() / 2**20:.0f} MiB); {a.calls} greedy rows, "
+        mean = a.candidates / max(1, a.rows - a.full)
+        return (f"int8 copy of the output matrix ({a.nbytes() / 2**20:.0f} MiB); {a.rows} greedy rows, "
                 f"{mean:.1f} rows recomputed on average, {a.full} took the full product")
 
 

@@ -33,6 +33,7 @@ from qwen3_vl.optim.quant.weights import quantize_int8
 
 MAX_CANDIDATES = 4096  # beyond this, recomputing rows costs more than the full product saves
 _U = 2.0**-24
+MAX_COLUMNS = 16384  # the step's 2^-10 margin covers |h|_2's fp32 rounding (relative K u at most) up to here
 _BUILD_ROWS = 512  # rows quantized at a time: the temporaries stay in cache (mini: 0.8 s against 1.9 with 8192)
 
 
@@ -48,6 +49,8 @@ def unavailable_reason(head, compute_dtype: torch.dtype) -> str | None:
         return "the output matrix has a bias"
     if head.out_features % 8:
         return f"the output matrix has {head.out_features} rows, not a multiple of 8"
+    if head.in_features > MAX_COLUMNS:
+        return f"hidden size {head.in_features} is above {MAX_COLUMNS}, where the 2^-10 margin covers an fp32 norm"
     return None
 
 
@@ -75,9 +78,9 @@ class ScreenedArgmax(torch.nn.Module):
             self.bound[start:end] = (error + g * sizes) * (1 + 2 * g)
             self.codes[start // 8 : end // 8] = cpu_gemv.pack8(q)
             self.scale[start:end] = s
-        self.candidates = 0  # rows recomputed over all calls (describe's statistic)
-        self.calls = 0
-        self.full = 0  # calls that took the full product
+        self.rows = 0  # hidden rows (greedy choices) asked for, for describe's statistics
+        self.full = 0  # of them, those that took the full product
+        self.candidates = 0  # rows of the matrix recomputed for the others
 
     def _rows(self, start: int, end: int) -> torch.Tensor:
         head = self.head[0]
@@ -98,6 +101,7 @@ class ScreenedArgmax(torch.nn.Module):
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
     def forward(self, hidden: torch.Tensor, banned: list[int] | tuple = ()) -> torch.Tensor:
+        self.rows += hidden.shape[0]
         if hidden.dtype != torch.float32 or hidden.device.type != "cpu":
             return self._full(hidden, banned)
         hidden = hidden.contiguous()
@@ -105,13 +109,12 @@ class ScreenedArgmax(torch.nn.Module):
         return torch.stack([self._one(hidden[b : b + 1], scores[b], banned) for b in range(hidden.shape[0])])
 
     def _full(self, hidden: torch.Tensor, banned) -> torch.Tensor:
-        self.full += 1
+        self.full += hidden.shape[0]
         logits = self.head[0](hidden).float()
         logits[:, list(banned)] = -math.inf
         return logits.argmax(dim=-1)
 
     def _one(self, h: torch.Tensor, t: torch.Tensor, banned) -> torch.Tensor:
-        self.calls += 1
         norm = float(torch.linalg.vector_norm(h))
         if not math.isfinite(norm):
             return self._full(h, banned)[0]
