@@ -5,7 +5,10 @@ host time against device time.
     python scripts/gpu_prefill_profile.py [--preset 2b] [--dtype bf16] [--plan ...]
 
 Prints a report; a prefill whose device time is a small part of its wall time is bound by the host
-(launches, Python, synchronisations), which is what this separates.
+(launches, Python, synchronisations), which is what this separates. Then ``cuda_graph``'s two prefill
+changes are undone one at a time, interleaved in the same process: ``before`` (a validity mask for every
+prefill, so SDPA's per-layer empty-row check; the composite RMSNorm), ``unmasked`` (the mask only for a
+padded prompt), ``shipped`` (and each text RMSNorm as one ``F.rms_norm`` call).
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ import torch
 import qwen3_vl
 from harness.bench import bench_prompt
 from qwen3_vl.config import preset
+from qwen3_vl.model.layers import RMSNorm
 from qwen3_vl.model.positions import mrope_positions
+from qwen3_vl.optim.execution.cuda_graph import FusedRMSNorm, GraphStaticCache
 
 
 def timed(fn, repeats: int = 5) -> float:
@@ -108,6 +113,45 @@ def main() -> None:
         print(f"\nprofiled generate of 1: {launches} kernel launches (device time: the tables' Self CUDA total)")
         print(events.table(sort_by="self_cpu_time_total", row_limit=25))
         print(events.table(sort_by="self_device_time_total", row_limit=15))
+        compare_candidates(model, first_token)
+
+
+def compare_candidates(model, first_token) -> None:
+    """Time to first token and first-token logits with cuda_graph's prefill changes undone, rounds interleaved."""
+    graph_update, fused_forward = GraphStaticCache.update, FusedRMSNorm.forward
+
+    def masked_update(self, layer, k, v):
+        keys, values, valid = graph_update(self, layer, k, v)
+        return keys, values, (valid if self.graph_mode else self.valid[:, : self.seen_tokens + self._pending])
+
+    variants = {"before": (masked_update, RMSNorm.forward), "unmasked": (graph_update, RMSNorm.forward),
+                "shipped": (graph_update, fused_forward)}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    logits: dict[str, torch.Tensor] = {}
+
+    def first_logits():
+        seen = []
+        model.step_observers.append(lambda x: seen.append(x[:, -1].float()))
+        first_token()
+        model.step_observers.clear()
+        return seen[0]
+
+    try:
+        for name, (update, forward) in variants.items():
+            GraphStaticCache.update, FusedRMSNorm.forward = update, forward
+            logits[name] = first_logits()
+            first_token()
+        for _ in range(5):
+            for name, (update, forward) in variants.items():
+                GraphStaticCache.update, FusedRMSNorm.forward = update, forward
+                times[name].append(timed(first_token, repeats=1))
+    finally:
+        GraphStaticCache.update, FusedRMSNorm.forward = graph_update, fused_forward
+    print("\ncuda_graph prefill changes undone, first token (generate of 1), 5 interleaved rounds:")
+    base = logits["before"]
+    for name, samples in times.items():
+        err = float((logits[name] - base).abs().max() / base.abs().max())
+        print(f"  {name:12s} {sorted(samples)[2]:8.2f} ms   first-token logits vs before: rel {err:.1e}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ check runs every ``check_every`` steps.
 The KV cache is the ``static`` option's, in a fixed-shape form: one persistent buffer per
 (batch, length bucket) reused across ``generate`` calls, written at a device-side position, with
 attention over the whole bucket and a validity mask (keys past the current position are masked,
-so the result is the same up to float reassociation). Prefill runs eagerly.
+so the result is the same up to float reassociation). Prefill runs eagerly, launch-bound on a GPU, so
+with fewer launches: no validity mask unless the prompt is padded, and each text RMSNorm as one
+fused call (``FusedRMSNorm``).
 
 With ``compile=True`` (the ``compile`` option) the step is first compiled by torch.compile
 (Inductor/Triton: fused elementwise kernels), then captured the same way.
@@ -18,8 +20,10 @@ import math
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 from qwen3_vl.generate import DecodeRequest, decode_loop
+from qwen3_vl.model.layers import RMSNorm
 from qwen3_vl.optim.execution.fusion import fuse_projections
 from qwen3_vl.optim.kv_cache.common import KVShape
 from qwen3_vl.optim.kv_cache.static import StaticCache
@@ -38,10 +42,11 @@ class GraphStaticCache(StaticCache):
         self.valid = torch.zeros(batch, max_tokens, dtype=torch.bool, device=device)
         self.position = torch.zeros(1, dtype=torch.long, device=device)
         self.graph_mode = False
+        self.padded = False  # whether any prefill so far had padding
 
     def reset(self) -> None:
         self.valid.zero_()
-        self.seen_tokens, self._pending, self.graph_mode = 0, 0, False
+        self.seen_tokens, self._pending, self.graph_mode, self.padded = 0, 0, False, False
 
     def enter_graph_mode(self) -> None:
         self.position.fill_(self.seen_tokens)
@@ -49,12 +54,17 @@ class GraphStaticCache(StaticCache):
 
     def start_step(self, new_mask, num_new: int) -> None:
         if not self.graph_mode:
+            self.padded = self.padded or new_mask is not None
             return super().start_step(new_mask, num_new)
         self.valid.index_fill_(1, self.position, True)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         if not self.graph_mode:
-            return super().update(layer, k, v)
+            # Without padding every cached key is valid: no mask, so attention takes its causal path
+            # instead of a masked one that checks for empty rows on the host every layer (on the
+            # H200, 2b image prompt: 66 -> 56 ms to the first token).
+            keys, values, valid = super().update(layer, k, v)
+            return keys, values, (valid if self.padded else None)
         self.keys[layer].index_copy_(2, self.position, k)
         self.values[layer].index_copy_(2, self.position, v)
         return self.keys[layer], self.values[layer], self.valid
@@ -63,6 +73,17 @@ class GraphStaticCache(StaticCache):
         if not self.graph_mode:
             return super().end_step()
         self.position.add_(1)
+
+
+class FusedRMSNorm(RMSNorm):
+    """The text decoder's RMSNorm as one ``F.rms_norm`` call on the fp32 upcast: the same formula (its
+    sum of squares reassociated), 4 launches instead of about 8. An eager prefill is launch-bound on a GPU
+    (2b image prompt on the H200: about 2670 launches, 53 ms of host time, 11 ms of device time); there,
+    with the unmasked prefill above, 66 -> 47 ms to the first token."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        return self.weight.to(dtype) * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(dtype)
 
 
 class CapturedStep:
@@ -132,6 +153,11 @@ class CudaGraphExecution:
             raise RuntimeError("CUDA-graph execution needs a CUDA device")
         self.capture = capture
         self.fused_layers = fuse_projections(model) if fuse else 0
+        self.fused_norms = 0
+        for module in model.language_model.modules():
+            if type(module) is RMSNorm:
+                module.__class__ = FusedRMSNorm
+                self.fused_norms += 1
         self.bucket, self.check_every, self.compile_step = bucket, check_every, compile_step
         self.device = torch.device(target.device)
         self.cache: GraphStaticCache | None = None
@@ -197,7 +223,8 @@ class CudaGraphExecution:
         return tokens
 
     def describe(self) -> dict:
-        return {"option": self.name, "fused_layers": self.fused_layers, "captures": self.captures,
+        return {"option": self.name, "fused_layers": self.fused_layers, "fused_norms": self.fused_norms,
+                "captures": self.captures,
                 "bucket": self.bucket, "compiled": self.compile_step, "capture_error": self.capture_error}
 
 

@@ -49,6 +49,27 @@ def test_fused_projections_keep_the_logits(tiny_checkpoint, ours_tiny):
     assert relative_error(out, ours_tiny(ids, pixel_values=pixels, image_grid_thw=grid)) <= 1e-5
 
 
+def test_prefill_masks_only_padded_prompts_and_norms_fuse(tiny_checkpoint, ours_tiny, monkeypatch):
+    """Fewer prefill launches: no validity mask (so SDPA's causal path, no host check) unless the prompt is
+    padded, and every text RMSNorm as one fused call; tokens and logits as the reference's either way."""
+    model = graph_model(tiny_checkpoint, "attention=sdpa")
+    layers = ours_tiny.config.text.num_hidden_layers
+    assert model.execution.describe()["fused_norms"] == 4 * layers + 1  # input, post, q, k per layer; final
+    masks = []
+    original = model.attention.text
+    monkeypatch.setattr(model.attention, "text", lambda q, k, v, mask, scale: (
+        masks.append(mask.key_valid is None), original(q, k, v, mask, scale))[1])
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    kw = dict(max_new_tokens=6, eos_token_id=[])
+    assert torch.equal(model.generate(ids, **kw), ours_tiny.generate(ids, **kw))
+    assert masks[:layers] == [True] * layers  # the prefill: no mask
+    kw["attention_mask"] = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    masks.clear()
+    assert torch.equal(model.generate(ids, **kw), ours_tiny.generate(ids, **kw))
+    assert masks[:layers] == [False] * layers  # padded: masked
+    assert relative_error(model(ids), ours_tiny(ids)) <= 1e-5
+
+
 def test_end_tokens_stop_like_the_reference(tiny_checkpoint, ours_tiny):
     ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
     free = ours_tiny.generate(ids, max_new_tokens=12, eos_token_id=[])
