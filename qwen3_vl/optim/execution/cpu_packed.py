@@ -360,17 +360,19 @@ class CpuPackedExecution:
                 self.extra_bytes += pack_linear(linear, kernel, buffers, keep)
             self.packed_layers = len(linears)
             self.extra_bytes += sum(b.numel() * b.element_size() for b in buffers.values())
-        self.argmax, self.screen = None, "off"
+        self.argmax, self.screen_off = None, "off"  # screen_off: why there is no screen (None: there is one)
         if screened_argmax:
             reason = _screen_reason(model)
             if reason is None:
-                self.argmax = screen.ScreenedArgmax(model.lm_head)
+                self.argmax, self.screen_off = screen.ScreenedArgmax(model.lm_head), None
                 self.extra_bytes += self.argmax.nbytes()
-            self.screen = reason and f"off: {reason}"
+            else:
+                self.screen_off = f"off: {reason}"
         # last: packing and fusion made new tensors, and the quant layers' codes are already in place
         self.huge_pages = "off" if not huge_pages else huge_pages_reason()
         if self.huge_pages is None:
-            moved, backed = move_to_huge_pages([model.language_model, model.lm_head, *filter(None, [self.argmax])])
+            screens = [] if self.argmax is None else [self.argmax]
+            moved, backed = move_to_huge_pages([model.language_model, model.lm_head, *screens])
             self.huge_pages = f"{backed / 2**20:.0f} of {moved / 2**20:.0f} MiB in 2 MiB pages"
         self.lean_layers = 0
         if lean:
@@ -406,7 +408,7 @@ class CpuPackedExecution:
                 "packed_layers": self.packed_layers, "lean_layers": self.lean_layers,
                 "extra_bytes": self.extra_bytes, "threads": self.threads or torch.get_num_threads(),
                 "huge_pages": self.huge_pages, "batch_invariant": self.batch_invariant,
-                "screened_argmax": self.screen or self._screen_stats()}
+                "screened_argmax": self.screen_off or self._screen_stats()}
 
     def _screen_stats(self) -> str:
         a = self.argmax
