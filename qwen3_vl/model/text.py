@@ -124,11 +124,14 @@ class TextModel(nn.Module):
         every layer and may drop rows from ``x`` and everything aligned with it (token pruning).
         """
         x = embeds
+        rows, rows_of = None, None  # visual_mask as indices, found once: a boolean index reads its count back each time
         for index, layer in enumerate(self.layers):
             if layer_hook is not None:
                 x, cos, sin, visual_mask, deepstack = layer_hook(self, index, x, cos, sin, mask, visual_mask, deepstack)
             x = layer(x, cos, sin, mask, cache, attention)
             if deepstack and index < len(deepstack):
+                if rows_of is not visual_mask:
+                    rows, rows_of = visual_mask.nonzero(as_tuple=True), visual_mask
                 x = x.clone()
-                x[visual_mask] = x[visual_mask] + deepstack[index].to(x.dtype)
+                x[rows] = x[rows] + deepstack[index].to(x.dtype)
         return self.norm(x)

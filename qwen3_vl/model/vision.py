@@ -148,7 +148,7 @@ class VisionEncoder(nn.Module):
         x = x + self.position_embedding(rows, cols, sizes).to(x.dtype)
         cos, sin = rope.vision(rows.to(x.device), cols.to(x.device))
         cos, sin = cos[:, None, :], sin[:, None, :]
-        cu_seqlens = segment_boundaries(grid_thw).to(x.device)
+        cu_seqlens = segment_boundaries(grid_thw)  # kept on the host: attention reads the bounds every layer
         taps = list(self.config.deepstack_visual_indexes)
         deepstack = []
         for index, block in enumerate(self.blocks):

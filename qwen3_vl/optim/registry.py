@@ -9,7 +9,8 @@ What ``OPTION.build(model, target, **params)`` returns, per axis:
 - ``attention``: an object with ``text(q, k, v, mask, scale)`` (q ``[B, Hq, Lq, d]``, k/v
   ``[B, Hkv, Lk, d]`` unexpanded, ``mask`` a ``qwen3_vl.model.text.AttentionMask``; returns
   ``[B, Hq, Lq, d]``) and ``vision(q, k, v, cu_seqlens, scale)`` (``[S, H, d]`` each,
-  block-diagonal over ``cu_seqlens``; returns ``[S, H, d]``).
+  block-diagonal over ``cu_seqlens``, int32 segment bounds on the host, so reading them costs no device
+  synchronisation; returns ``[S, H, d]``).
 - ``rope``: an object with ``text(positions, dtype)`` (positions ``[3, B, L]``; returns cos, sin
   ``[B, L, head_dim]``) and ``vision(rows, cols)`` (returns fp32 cos, sin ``[S, vision_head_dim]``).
 - ``kv_cache``: an object with ``new(batch, max_tokens)`` returning a cache with

@@ -69,7 +69,7 @@ class FlashKVAttention:
 
     def vision(self, q, k, v, cu_seqlens, scale: float) -> torch.Tensor:
         longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-        cu = cu_seqlens.to(torch.int32)
+        cu = cu_seqlens.to(q.device, torch.int32)
         self.ran[("vision", "flash_attn_varlen_func")] += 1
         return self.fa.flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, softmax_scale=scale)
 

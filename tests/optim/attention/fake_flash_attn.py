@@ -44,6 +44,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                            softmax_scale=None, causal=False, **_):
     _check(q, k, v)
     assert cu_seqlens_q.dtype == torch.int32 and cu_seqlens_k.dtype == torch.int32, "cu_seqlens must be int32"
+    assert cu_seqlens_q.device == q.device, "cu_seqlens must be on q's device"
     bounds = cu_seqlens_q.tolist()
     assert max_seqlen_q == max(b - a for a, b in itertools.pairwise(bounds))
     calls.append("flash_attn_varlen_func")
