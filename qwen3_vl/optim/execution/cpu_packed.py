@@ -469,7 +469,8 @@ OPTION = Optimization(
     summary=(
         "CPU decode and prefill: text weights read by our AVX2 GEMV from 2 MiB pages (fp16/bf16 storage interleaved "
         "for it) or prepacked for oneDNN/MKL, fused q/k/v and gate/up projections, one kernel call each for a decode "
-        "row's norms, rotary, attention and activation; optional thread count."
+        "row's norms, rotary, attention and activation, greedy tokens through an int8-screened output matrix "
+        "(bitwise the full argmax); optional thread count."
     ),
     build=lambda model, target, **params: CpuPackedExecution(model, target, **params),
     requires=Requirements(devices=("cpu",)),
