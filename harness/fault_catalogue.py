@@ -41,19 +41,23 @@ FAULTS: tuple[Fault, ...] = (
           "erf GELU in the ViT MLP, which uses gelu_pytorch_tanh"),
     Fault("deepstack_wrong_decoder_layer", "qwen3_vl/model/text.py",
           "            if deepstack and index < len(deepstack):\n"
-          "                x = x.clone()\n"
-          "                x[visual_mask] = x[visual_mask] + deepstack[index].to(x.dtype)",
+          "                if rows is None or rows_of is not visual_mask:\n"
+          "                    rows, rows_of = visual_mask.reshape(-1).nonzero().squeeze(1), visual_mask\n"
+          "                flat = x.reshape(-1, x.shape[-1])\n"
+          "                x = flat.index_copy(0, rows, flat.index_select(0, rows) + deepstack[index].to(x.dtype))",
           "            if deepstack and 0 < index <= len(deepstack):\n"
-          "                x = x.clone()\n"
-          "                x[visual_mask] = x[visual_mask] + deepstack[index - 1].to(x.dtype)",
+          "                if rows is None or rows_of is not visual_mask:\n"
+          "                    rows, rows_of = visual_mask.reshape(-1).nonzero().squeeze(1), visual_mask\n"
+          "                flat = x.reshape(-1, x.shape[-1])\n"
+          "                x = flat.index_copy(0, rows, flat.index_select(0, rows) + deepstack[index - 1].to(x.dtype))",
           "DeepStack feature k added after decoder layer k+1 instead of k"),
     Fault("deepstack_wrong_vit_block", "qwen3_vl/model/vision.py",
-          "            x = block(x, cos, sin, cu_seqlens, attention)\n"
+          "            x = block(x, grid.cos, grid.sin, grid.cu_seqlens, attention)\n"
           "            if index in taps:\n"
           "                deepstack.append(self.deepstack_merger_list[taps.index(index)](x))",
           "            if index in taps:\n"
           "                deepstack.append(self.deepstack_merger_list[taps.index(index)](x))\n"
-          "            x = block(x, cos, sin, cu_seqlens, attention)",
+          "            x = block(x, grid.cos, grid.sin, grid.cu_seqlens, attention)",
           "DeepStack tapped at the input of the ViT block instead of its output"),
     Fault("dropped_k_norm", "qwen3_vl/model/text.py",
           "k = self.k_norm(k.view(b, n, -1, self.head_dim)).transpose(1, 2)",

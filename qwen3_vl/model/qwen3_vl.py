@@ -84,27 +84,8 @@ class Qwen3VL(nn.Module):
         ids = input_ids.to(self.device)
         embeds = self.language_model.embed_tokens(ids).to(self.compute_dtype)
         masks, features = [], []
-        for kind, pixels, grid, token in (
-            ("image", pixel_values, image_grid_thw, self.config.image_token_id),
-            ("video", pixel_values_videos, video_grid_thw, self.config.video_token_id),
-        ):
-            mask = ids == token
-            if pixels is None:
-                if grid is not None:
-                    raise InputError(f"{kind}_grid_thw given without the {kind} pixel values")
-                if mask.any():
-                    raise InputError(f"the prompt has {int(mask.sum())} {kind} placeholder tokens but no {kind} given")
-                continue
-            if grid is None:
-                raise InputError(f"{kind} pixel values given without {kind}_grid_thw")
-            check_grid(kind, pixels, grid, self.config)
-            # Checked before the vision tower runs, so a bad request costs nothing and caches nothing.
-            expected = int(grid.prod(-1).sum()) // self.config.vision.spatial_merge_size**2
-            if int(mask.sum()) != expected:
-                raise InputError(
-                    f"{kind} token count does not match the {kind} grid: the prompt has {int(mask.sum())} "
-                    f"placeholder tokens, the grid gives {expected} features"
-                )
+        for _, pixels, grid, mask in visual_inputs(self.config, ids, pixel_values, image_grid_thw, pixel_values_videos,
+                                                   video_grid_thw):
             tokens, deepstack = self.vision.encode(self, pixels, grid)
             embeds[mask] = tokens.to(embeds.dtype)
             masks.append(mask)
@@ -215,6 +196,41 @@ def check_prompt(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, c
         raise InputError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
     if attention_mask is not None and not bool(attention_mask.bool().any(dim=1).all()):
         raise InputError("attention_mask has a row with no real token")
+
+
+def visual_inputs(
+    config: Qwen3VLConfig,
+    ids: torch.Tensor,
+    pixel_values: torch.Tensor | None,
+    image_grid_thw: torch.Tensor | None,
+    pixel_values_videos: torch.Tensor | None,
+    video_grid_thw: torch.Tensor | None,
+) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(kind, pixels, grid, placeholder mask of ids)`` for the images, then the videos, of a prompt,
+    checked against each other before any vision tower runs (so a bad request costs nothing and caches nothing)."""
+    out = []
+    for kind, pixels, grid, token in (
+        ("image", pixel_values, image_grid_thw, config.image_token_id),
+        ("video", pixel_values_videos, video_grid_thw, config.video_token_id),
+    ):
+        mask = ids == token
+        if pixels is None:
+            if grid is not None:
+                raise InputError(f"{kind}_grid_thw given without the {kind} pixel values")
+            if mask.any():
+                raise InputError(f"the prompt has {int(mask.sum())} {kind} placeholder tokens but no {kind} given")
+            continue
+        if grid is None:
+            raise InputError(f"{kind} pixel values given without {kind}_grid_thw")
+        check_grid(kind, pixels, grid, config)
+        expected = int(grid.prod(-1).sum()) // config.vision.spatial_merge_size**2
+        if int(mask.sum()) != expected:
+            raise InputError(
+                f"{kind} token count does not match the {kind} grid: the prompt has {int(mask.sum())} "
+                f"placeholder tokens, the grid gives {expected} features"
+            )
+        out.append((kind, pixels, grid, mask))
+    return out
 
 
 def check_grid(kind: str, pixels: torch.Tensor, grid: torch.Tensor, config: Qwen3VLConfig) -> None:

@@ -117,21 +117,24 @@ class TextModel(nn.Module):
         visual_mask: torch.Tensor | None = None,
         deepstack: list[torch.Tensor] | None = None,
         layer_hook=None,
+        visual_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final-normed hidden states. DeepStack feature ``k`` is added after layer ``k``.
 
+        ``visual_rows``: the flat indices (into batch x seq) of ``visual_mask``'s rows, when the caller has
+        them (a captured prefill must not find them on the device: that reads a count back); else found once.
         ``layer_hook`` (the vision runtime's, see ``qwen3_vl/optim/vision/full.py``) runs before
         every layer and may drop rows from ``x`` and everything aligned with it (token pruning).
         """
         x = embeds
-        rows, rows_of = None, None  # visual_mask as indices, found once: a boolean index reads its count back each time
+        rows, rows_of = visual_rows, visual_mask  # the rows of visual_mask as flat indices
         for index, layer in enumerate(self.layers):
             if layer_hook is not None:
                 x, cos, sin, visual_mask, deepstack = layer_hook(self, index, x, cos, sin, mask, visual_mask, deepstack)
             x = layer(x, cos, sin, mask, cache, attention)
             if deepstack and index < len(deepstack):
-                if rows_of is not visual_mask:
-                    rows, rows_of = visual_mask.nonzero(as_tuple=True), visual_mask
-                x = x.clone()
-                x[rows] = x[rows] + deepstack[index].to(x.dtype)
+                if rows is None or rows_of is not visual_mask:
+                    rows, rows_of = visual_mask.reshape(-1).nonzero().squeeze(1), visual_mask
+                flat = x.reshape(-1, x.shape[-1])
+                x = flat.index_copy(0, rows, flat.index_select(0, rows) + deepstack[index].to(x.dtype)).view_as(x)
         return self.norm(x)

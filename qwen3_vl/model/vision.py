@@ -7,6 +7,8 @@ Output: one token per 2x2 window, plus one DeepStack feature tensor per tap, sam
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,6 +38,18 @@ def segment_boundaries(grid_thw: torch.Tensor) -> torch.Tensor:
     """cu_seqlens: one attention segment per image and per temporal slice of a video."""
     lengths = torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
     return F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+
+
+@dataclass
+class VisionGrid:
+    """What a vision forward derives from ``grid_thw`` alone: the position-table taps and weights
+    ([S, 4] each), the 2D RoPE cos/sin ([S, 1, d]) on the device, and the segment bounds on the host."""
+
+    pos_index: torch.Tensor
+    pos_weight: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    cu_seqlens: torch.Tensor
 
 
 class VisionAttention(nn.Module):
@@ -121,8 +135,9 @@ class VisionEncoder(nn.Module):
             PatchMerger(config, postshuffle_norm=True) for _ in config.deepstack_visual_indexes
         )
 
-    def position_embedding(self, rows, cols, sizes) -> torch.Tensor:
-        """Bilinear (align-corners) interpolation of the learned 48x48 table at each token's cell."""
+    def position_taps(self, rows, cols, sizes) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bilinear (align-corners) taps into the learned 48x48 table at each token's cell: the four
+        table rows [S, 4] and their weights [S, 4] (host tensors)."""
         side = round(self.config.num_position_embeddings**0.5)
         taps, weights = [], []
         for coord, size in ((rows, sizes[:, 0]), (cols, sizes[:, 1])):
@@ -133,26 +148,36 @@ class VisionEncoder(nn.Module):
             weights.append(torch.cat([1 - frac, frac], 1))
         index = (taps[0][:, :, None] * side + taps[1][:, None, :]).reshape(-1, 4)
         weight = (weights[0][:, :, None] * weights[1][:, None, :]).reshape(-1, 4)
+        return index, weight
+
+    def prepare(self, grid_thw: torch.Tensor, rope) -> VisionGrid:
+        """Everything of a forward that depends on the grid alone, on the weights' device (see ``VisionGrid``)."""
+        grid_thw = grid_thw.cpu()
+        rows, cols, sizes = grid_coordinates(grid_thw, self.config.spatial_merge_size)
         device = self.pos_embed.weight.device
-        table = self.pos_embed(index.to(device))
-        return (table * weight.to(device)[:, :, None]).sum(1)
+        index, weight = self.position_taps(rows, cols, sizes)
+        cos, sin = rope.vision(rows.to(device), cols.to(device))
+        # cu_seqlens stays on the host: attention reads the bounds every layer
+        return VisionGrid(index.to(device), weight.to(device), cos[:, None, :], sin[:, None, :],
+                          segment_boundaries(grid_thw))
+
+    def encode(
+        self, pixel_values: torch.Tensor, grid: VisionGrid, attention
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``forward`` on a prepared grid: device work only, no host reads (what a CUDA graph can capture)."""
+        x = self.patch_embed(pixel_values.to(self.compute_dtype))
+        position = (self.pos_embed(grid.pos_index) * grid.pos_weight[:, :, None]).sum(1)
+        x = x + position.to(x.dtype)
+        taps = list(self.config.deepstack_visual_indexes)
+        deepstack = []
+        for index, block in enumerate(self.blocks):
+            x = block(x, grid.cos, grid.sin, grid.cu_seqlens, attention)
+            if index in taps:
+                deepstack.append(self.deepstack_merger_list[taps.index(index)](x))
+        return self.merger(x), deepstack
 
     def forward(
         self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, attention, rope
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Merged tokens [N, out_hidden] and the DeepStack features (one [N, out_hidden] per tap)."""
-        dtype = self.compute_dtype
-        grid_thw = grid_thw.cpu()
-        rows, cols, sizes = grid_coordinates(grid_thw, self.config.spatial_merge_size)
-        x = self.patch_embed(pixel_values.to(dtype))
-        x = x + self.position_embedding(rows, cols, sizes).to(x.dtype)
-        cos, sin = rope.vision(rows.to(x.device), cols.to(x.device))
-        cos, sin = cos[:, None, :], sin[:, None, :]
-        cu_seqlens = segment_boundaries(grid_thw)  # kept on the host: attention reads the bounds every layer
-        taps = list(self.config.deepstack_visual_indexes)
-        deepstack = []
-        for index, block in enumerate(self.blocks):
-            x = block(x, cos, sin, cu_seqlens, attention)
-            if index in taps:
-                deepstack.append(self.deepstack_merger_list[taps.index(index)](x))
-        return self.merger(x), deepstack
+        return self.encode(pixel_values, self.prepare(grid_thw, rope), attention)
