@@ -92,16 +92,22 @@ def generate(
         generator = torch.Generator(device=device).manual_seed(seed)
 
     cache = model.new_cache(batch, prompt_len + max_new_tokens)
-    embeds, visual_mask, deepstack = model.embed(
-        input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
-    )
-    positions, deltas = mrope_positions(input_ids, config, attention_mask, image_grid_thw, video_grid_thw)
+    prompt = Prompt(config, input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
+                    video_grid_thw)
+    prefill = getattr(model.execution, "prefill", None)  # an execution's own (e.g. captured) prefill, if any
+    logits = None if prefill is None else prefill(model, cache, prompt)
+    if logits is None:
+        embeds, visual_mask, deepstack = model.embed(
+            input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
+        )
+        positions, _ = prompt.positions()
+        logits = model.step(embeds, positions, attention_mask, cache, visual_mask, deepstack, logits_to_keep=1)
+    _, deltas = prompt.positions()
     real_len = prompt_len if attention_mask is None else attention_mask.to("cpu").long().sum(1)
     next_position = (torch.as_tensor(real_len) + deltas.cpu()).to(device).view(1, batch, 1)
     if streamer is not None:
         streamer.put(input_ids.cpu())
 
-    logits = model.step(embeds, positions, attention_mask, cache, visual_mask, deepstack, logits_to_keep=1)
     request = DecodeRequest(
         cache, logits, next_position, max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p,
         eos, pad, generator, streamer,
@@ -110,6 +116,27 @@ def generate(
     if streamer is not None:
         streamer.end()
     return torch.cat([input_ids.to(device), tokens], dim=1)
+
+
+@dataclass
+class Prompt:
+    """A ``generate`` call's model inputs; ``positions()`` (M-RoPE positions [3, B, L] and rope deltas [B])
+    computed once, when first asked (after the visual inputs were checked: their errors come first)."""
+
+    config: object
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    pixel_values: torch.Tensor | None
+    image_grid_thw: torch.Tensor | None
+    pixel_values_videos: torch.Tensor | None
+    video_grid_thw: torch.Tensor | None
+    _positions: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._positions is None:
+            self._positions = mrope_positions(self.input_ids, self.config, self.attention_mask, self.image_grid_thw,
+                                              self.video_grid_thw)
+        return self._positions
 
 
 @dataclass

@@ -5,6 +5,11 @@ tokens in fp32; in bf16 the error of each plan's step logits against the fp32 re
 within twice the reference plan's own bf16 error (the harness's bf16 rule), over the steps where
 the greedy tokens still agree. Prints one line per plan and exits 1 on any failure.
 
+The graph plans replay their prefill from a graph captured per prompt shape, so in fp32 each runs three
+prompts in turn: the image prompt (captured), another of the same shape (other text, other pixels: replayed
+with new inputs) and a text-only one; each must give the reference's tokens, and the first two must have been
+captured and replayed (not silently run eagerly).
+
     python scripts/gpu_exactness.py [--preset tiny] [--tokens 64]
 """
 
@@ -51,6 +56,9 @@ def main() -> int:
     ref32 = qwen3_vl.build(config, weights, dtype="fp32", device=device)
     ref_tokens, ref_steps = run(ref32, inputs, args.tokens)
     print(f"{args.preset} fp32 reference: {args.tokens} tokens on {torch.cuda.get_device_name()}")
+    others = [{k: v.to(device) for k, v in bench_prompt(config, 224, 90, seed=1).items()},
+              {"input_ids": torch.randint(0, 1000, (1, 37), generator=torch.Generator().manual_seed(2)).to(device)}]
+    references = [run(ref32, prompt, args.tokens) for prompt in others]
     for plan in PLANS:
         model = qwen3_vl.build(config, weights, dtype="fp32", device=device, plan=plan)
         tokens, steps = run(model, inputs, args.tokens)
@@ -59,6 +67,18 @@ def main() -> int:
         ok &= same and err <= 1e-5
         print(f"{'ok  ' if same and err <= 1e-5 else 'FAIL'} fp32 {plan:58} tokens identical={same} "
               f"step-logits rel err={err:.2e} running={model.plan.short_id} {model.execution.describe()}")
+        if "prefill" not in model.execution.describe():
+            continue
+        for name, prompt, (want, want_steps) in zip(("same shape", "text only"), others, references, strict=True):
+            tokens, steps = run(model, prompt, args.tokens)
+            same, err = bool(torch.equal(tokens, want)), rel(steps, want_steps)
+            ok &= same and err <= 1e-5
+            print(f"{'ok  ' if same and err <= 1e-5 else 'FAIL'} fp32 {plan:58} {name}: tokens identical={same} "
+                  f"step-logits rel err={err:.2e}")
+        counts = model.execution.describe()["prefill"]["counts"]
+        graphed = counts.get("captured", 0) == 2 and counts.get("replayed", 0) == 1
+        ok &= graphed
+        print(f"{'ok  ' if graphed else 'FAIL'} fp32 {plan:58} prefill graphs: {model.execution.describe()['prefill']}")
     ref16 = qwen3_vl.build(config, weights, dtype="bf16", device=device)
     tok16, steps16 = run(ref16, inputs, args.tokens)
     for plan in PLANS:

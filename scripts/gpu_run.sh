@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything this project checks and times on a GPU, in stages, for the device tool:
 #   bash scripts/gpu_run.sh STAGE [STAGE ...]     (stages: setup exact bench2b bench8b attention
-#                                                  attention-pascal memory pascal prefill-profile vision harness)
+#                                                  ttft2b attention-pascal memory pascal prefill-profile vision harness)
 # Results go to a results store under $OUT (packed as one tarball, since few files come back),
 # logs to $OUT/log.txt. Carried wheels (in .gpu_wheels) fill in what the GPU image lacks.
 set -uo pipefail
@@ -35,6 +35,11 @@ for s in "$@"; do
                --plan attention=sdpa,kv_cache=static,execution=cuda_graph \
                --plan attention=eager,kv_cache=static,execution=compile \
                --plan attention=sdpa,kv_cache=static,execution=compile ;;
+    ttft2b) stage ttft2b 300 python -m harness.bench --preset 2b --device cuda --dtype bf16 --compare transformers \
+              --rounds 3 --results-dir "$RES" \
+              --plan "attention=sdpa,kv_cache=static,execution=cuda_graph[prefill_graphs=0]" \
+              --plan attention=sdpa,kv_cache=static,execution=cuda_graph \
+              --plan attention=eager,kv_cache=static,execution=compile ;;
     bench8b) stage bench8b 360 python -m harness.bench --preset 8b --device cuda --dtype bf16 --compare transformers \
                --transformers-paths static --rounds 2 --new-tokens 64 --results-dir "$RES" --plan attention=sdpa \
                --plan attention=sdpa,kv_cache=static,execution=cuda_graph \

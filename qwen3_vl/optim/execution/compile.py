@@ -22,7 +22,8 @@ def _triton_reason(target: Target) -> str | None:
 class CompiledExecution(CudaGraphExecution):
     name = "compile"
 
-    def __init__(self, model, target: Target, fuse: bool = True, bucket: int = 256) -> None:
+    def __init__(self, model, target: Target, fuse: bool = True, bucket: int = 256, prefill_graphs: int = 8,
+                 prefill_bucket: int = 64) -> None:
         import torch._dynamo
 
         # Where an option's code breaks the traced graph inside a layer, each layer's frame is
@@ -30,7 +31,8 @@ class CompiledExecution(CudaGraphExecution):
         # gives up on compiling a frame.
         layers = model.config.text.num_hidden_layers
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * layers + 8)
-        super().__init__(model, target, fuse, bucket, compile_step=True)
+        super().__init__(model, target, fuse, bucket, compile_step=True, prefill_graphs=prefill_graphs,
+                         prefill_bucket=prefill_bucket)
 
 
 OPTION = Optimization(
@@ -39,12 +41,13 @@ OPTION = Optimization(
     exact=True,
     summary=(
         "Decode step compiled by torch.compile (Inductor/Triton fuses each layer's elementwise work) and "
-        "replayed as a CUDA graph, with fused projections; needs Triton, so sm_70+."
+        "replayed as a CUDA graph, with fused projections and cuda_graph's captured prefill; needs Triton, so sm_70+."
     ),
-    build=lambda model, target, fuse=True, bucket=256: CompiledExecution(model, target, fuse, bucket),
+    build=lambda model, target, fuse=True, bucket=256, prefill_graphs=8, prefill_bucket=64: CompiledExecution(
+        model, target, fuse, bucket, prefill_graphs, prefill_bucket),
     requires=Requirements(devices=("cuda",), min_compute_capability=(7, 0)),
     probe=_triton_reason,
     needs=NEEDS,
     fallback="cuda_graph",
-    defaults={"fuse": True, "bucket": 256},
+    defaults={"fuse": True, "bucket": 256, "prefill_graphs": 8, "prefill_bucket": 64},
 )

@@ -6,9 +6,10 @@ check runs every ``check_every`` steps.
 The KV cache is the ``static`` option's, in a fixed-shape form: one persistent buffer per
 (batch, length bucket) reused across ``generate`` calls, written at a device-side position, with
 attention over the whole bucket and a validity mask (keys past the current position are masked,
-so the result is the same up to float reassociation). Prefill runs eagerly, launch-bound on a GPU, so
-with fewer launches: no validity mask unless the prompt is padded, and each text RMSNorm as one
-fused call (``FusedRMSNorm``).
+so the result is the same up to float reassociation). The prefill is replayed from a graph captured per
+prompt shape (``prefill_graph.py``; ``prefill_graphs=0`` turns that off); where it is not, it runs eagerly with
+fewer launches: no validity mask unless the prompt is padded, and each text RMSNorm as one fused call
+(``FusedRMSNorm``).
 
 With ``compile=True`` (the ``compile`` option) the step is first compiled by torch.compile
 (Inductor/Triton: fused elementwise kernels), then captured the same way.
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from qwen3_vl.generate import DecodeRequest, decode_loop
 from qwen3_vl.model.layers import RMSNorm
 from qwen3_vl.optim.execution.fusion import fuse_projections
+from qwen3_vl.optim.execution.prefill_graph import PrefillGraphs
 from qwen3_vl.optim.kv_cache.common import KVShape
 from qwen3_vl.optim.kv_cache.static import StaticCache
 from qwen3_vl.optim.plan import Optimization, Requirements, Target
@@ -148,7 +150,8 @@ class CudaGraphExecution:
     name = "cuda_graph"
 
     def __init__(self, model, target: Target, fuse: bool = True, bucket: int = 256, check_every: int = 8,
-                 compile_step: bool = False, capture: bool = True) -> None:
+                 compile_step: bool = False, capture: bool = True, prefill_graphs: int = 8,
+                 prefill_bucket: int = 64) -> None:
         if capture and (not torch.cuda.is_available() or target.device_type != "cuda"):
             raise RuntimeError("CUDA-graph execution needs a CUDA device")
         self.capture = capture
@@ -164,6 +167,12 @@ class CudaGraphExecution:
         self.captured: CapturedStep | None = None
         self.captures = 0
         self.capture_error = ""  # why capture failed, when it did (decoding then runs eagerly)
+        self.prefills = PrefillGraphs(prefill_graphs, prefill_bucket, capture)
+
+    def prefill(self, model, cache, prompt) -> torch.Tensor | None:
+        """The prompt's last logits through a captured prefill, or None for the reference prefill (see
+        ``prefill_graph.py``)."""
+        return self.prefills.prefill(model, cache, prompt)
 
     def new_cache(self, model, batch: int, max_tokens: int) -> GraphStaticCache:
         tokens = math.ceil(max_tokens / self.bucket) * self.bucket
@@ -225,7 +234,8 @@ class CudaGraphExecution:
     def describe(self) -> dict:
         return {"option": self.name, "fused_layers": self.fused_layers, "fused_norms": self.fused_norms,
                 "captures": self.captures,
-                "bucket": self.bucket, "compiled": self.compile_step, "capture_error": self.capture_error}
+                "bucket": self.bucket, "compiled": self.compile_step, "capture_error": self.capture_error,
+                "prefill": self.prefills.describe()}
 
 
 def _no_cuda_reason(target: Target) -> str | None:
@@ -246,12 +256,14 @@ OPTION = Optimization(
     summary=(
         "Decode step captured once in a CUDA graph and replayed per token (static KV buffers with a "
         "device-side position, fused q/k/v and gate/up projections, tokens chosen on the device, no "
-        "per-token host sync); prefill stays eager."
+        "per-token host sync); the prefill (vision tower included) replayed from a graph per prompt shape, "
+        "lengths bucketed (prefill_graphs graphs kept, 0: eager prefill)."
     ),
-    build=lambda model, target, fuse=True, bucket=256: CudaGraphExecution(model, target, fuse, bucket),
+    build=lambda model, target, fuse=True, bucket=256, prefill_graphs=8, prefill_bucket=64: CudaGraphExecution(
+        model, target, fuse, bucket, prefill_graphs=prefill_graphs, prefill_bucket=prefill_bucket),
     requires=Requirements(devices=("cuda",)),
     probe=_no_cuda_reason,
     needs=NEEDS,
     fallback="eager",
-    defaults={"fuse": True, "bucket": 256},
+    defaults={"fuse": True, "bucket": 256, "prefill_graphs": 8, "prefill_bucket": 64},
 )
