@@ -125,6 +125,13 @@ def bench_prompt(config, image_size: int, prompt_tokens: int, seed: int = 0) -> 
     return {"input_ids": ids, "pixel_values": pixels, "image_grid_thw": grid}
 
 
+def prompt_of(config, args, tokens: int, device) -> dict:
+    """The bench prompt of ``tokens`` tokens (with the image unless ``--image-size 0``), on ``device``."""
+    inputs = bench_prompt(config, args.image_size, tokens, args.seed) if args.image_size else {
+        "input_ids": torch.randint(0, 1000, (1, tokens), generator=torch.Generator().manual_seed(args.seed))}
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
 def ours(label: str, config, state_dict, dtype, device, plan) -> Engine:
     model = qwen3_vl.build(config, state_dict, dtype=dtype, device=device, plan=plan)
 
@@ -290,9 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if "transformers" in args.compare:
         engines += transformers_engines(config, state_dict, args.dtype, device, args.transformers_paths.split(","))
-    inputs = bench_prompt(config, args.image_size, args.prompt_tokens, args.seed) if args.image_size else {
-        "input_ids": torch.randint(0, 1000, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))}
-    inputs = {k: v.to(device) for k, v in inputs.items()}
+    inputs = prompt_of(config, args, args.prompt_tokens, device)
     prompt_len = inputs["input_ids"].shape[1]
 
     if device.type == "cuda":
@@ -320,6 +325,22 @@ def main(argv: list[str] | None = None) -> int:
     timed_first = interleaved({e.label: target(e, 1) for e in engines}, args.rounds, args.warmup, device)
     timed_full = interleaved({e.label: target(e, args.new_tokens) for e in engines}, args.rounds,
                              args.warmup, device)
+    # One prompt of a length no engine has seen (one more 64-token bucket): what the first request of a new
+    # shape costs where an engine prepares per shape (a captured prefill, a compiled step), once each.
+    unseen = prompt_of(config, args, args.prompt_tokens + 64, device)
+    new_shape: dict[str, float] = {}
+    for engine in engines:
+        if timed_first[engine.label].error or timed_full[engine.label].error:
+            continue
+        clock = Clock(device)
+        try:
+            with clock():
+                engine.generate(unseen, 1)
+            new_shape[engine.label] = clock.samples[0]
+        except Exception as exc:  # reported, not fatal: the timed rounds above stand
+            print(f"{engine.label}: the unseen-length prompt failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        if engine.model is not None:  # what ran (kernels chosen, graphs captured and replayed, fallbacks)
+            print(f"{engine.label}: {engine.model.execution.describe()}", file=sys.stderr)
     load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
 
     run = results.RunInfo(results.new_run_id(), fp["id"], args.preset, args.dtype, fp["git"].get("sha", "unknown"),
@@ -351,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
                 (engine.tokens == first.tokens).all(dim=0).cumprod(0).sum())
             mem = peak_memory(engine, inputs, args.new_tokens, device)
             row.update(ttft_ms=ttft * 1e3, prefill_tokens_per_s=prompt_len / ttft, ms=ms, cpu_ms=cpu_ms,
-                       tokens_per_s=1e3 / ms, efficiency=engine_floor / ms, same=same, peak=mem)
+                       tokens_per_s=1e3 / ms, efficiency=engine_floor / ms, same=same, peak=mem,
+                       ttft_new_shape_ms=new_shape.get(engine.label, float("nan")) * 1e3)
             measurements += [
                 results.Measurement("ttft_ms", ttft * 1e3, "ms", [s * 1e3 for s in t1.clock.samples], better="lower"),
                 results.Measurement("ttft_ms_p90", percentile(t1.clock.samples, 90) * 1e3, "ms", better="lower"),
@@ -371,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
                 row["outside_budget"] = [m.error for m in checked if m.status != "ok"]
             if mem is not None:
                 measurements.append(results.Measurement("cuda_allocated_peak", mem, "B", better="lower"))
+            if engine.label in new_shape:
+                measurements.append(results.Measurement("ttft_new_shape_ms", new_shape[engine.label] * 1e3, "ms",
+                                                        better="lower"))
         table.append(row)
         for m in measurements:
             rows.append(results.make_row(run, str(device), SUITE, engine.label, m, engine.plan,
@@ -424,15 +449,16 @@ def _error_text(row: dict) -> str:
 
 def text_table(table: list[dict], llama: list[dict]) -> str:
     base = _baseline(table)
-    lines = [f"{'engine':70} {'TTFT ms':>8} {'x':>5} {'ms/tok':>7} {'cpu ms':>7} {'tok/s':>6} {'x':>5} {'eff':>5} "
-             f"{'same':>4}  error rel/KL/top1"]
+    lines = [f"{'engine':70} {'TTFT ms':>8} {'x':>5} {'new':>7} {'ms/tok':>7} {'cpu ms':>7} {'tok/s':>6} {'x':>5} "
+             f"{'eff':>5} {'same':>4}  error rel/KL/top1  (new: TTFT of a first prompt of an unseen length)"]
     for row in table:
         if row["error"]:
             lines.append(f"{row['label']:70} failed: {row['error']}")
             continue
         lines.append(f"{row['label']:70} {row['ttft_ms']:8.1f} {base['ttft_ms'] / row['ttft_ms']:5.2f} "
-                     f"{row['ms']:7.2f} {row['cpu_ms']:7.2f} {row['tokens_per_s']:6.1f} {base['ms'] / row['ms']:5.2f} "
-                     f"{row['efficiency']:5.2f} {row['same']!s:>4}  {_error_text(row)}")
+                     f"{row['ttft_new_shape_ms']:7.1f} {row['ms']:7.2f} {row['cpu_ms']:7.2f} "
+                     f"{row['tokens_per_s']:6.1f} {base['ms'] / row['ms']:5.2f} {row['efficiency']:5.2f} "
+                     f"{row['same']!s:>4}  {_error_text(row)}")
     for rec in llama:
         lines.append(f"{rec['label']:70} {rec['kind']} {rec['tokens_per_s']:.1f} tokens/s (pp{rec['n_prompt']}/"
                      f"tg{rec['n_gen']}, {rec['threads']} threads, as reported by llama-bench)")
@@ -442,15 +468,17 @@ def text_table(table: list[dict], llama: list[dict]) -> str:
 def markdown_table(table: list[dict], llama: list[dict], header: str, command: str, path) -> str:
     """The table for a README: ratios against transformers' default path (or the first engine)."""
     base = _baseline(table)
-    lines = [header, "", "| engine | time to first token ms (x) | prefill tok/s | decode ms/token (x) | decode tok/s | "
-             "decode CPU ms/token | greedy tokens same | error vs first: logits rel / KL / top-1 |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [header, "", "| engine | time to first token ms (x) | first prompt of an unseen length ms | "
+             "prefill tok/s | decode ms/token (x) | decode tok/s | decode CPU ms/token | greedy tokens same | "
+             "error vs first: logits rel / KL / top-1 |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in table:
         if row["error"]:
-            lines.append(f"| {row['label']} | failed: {row['error']} | | | | | | |")
+            lines.append(f"| {row['label']} | failed: {row['error']} | | | | | | | |")
             continue
         lines.append(f"| {row['label']} | {row['ttft_ms']:.0f} ({base['ttft_ms'] / row['ttft_ms']:.2f}x) | "
-                     f"{row['prefill_tokens_per_s']:.0f} | {row['ms']:.1f} ({base['ms'] / row['ms']:.2f}x) | "
+                     f"{row['ttft_new_shape_ms']:.0f} | {row['prefill_tokens_per_s']:.0f} | "
+                     f"{row['ms']:.1f} ({base['ms'] / row['ms']:.2f}x) | "
                      f"{row['tokens_per_s']:.1f} | {row['cpu_ms']:.1f} | {row['same']} | {_error_text(row)} |")
     merged: dict[tuple, dict[str, str]] = {}  # one row per llama.cpp model: its prefill and decode tests
     for rec in llama:
@@ -458,7 +486,7 @@ def markdown_table(table: list[dict], llama: list[dict], header: str, command: s
         cell[rec["kind"]] = (f"{rec['tokens_per_s']:.0f} (pp{rec['n_prompt']}, text only)" if rec["kind"] == "prefill"
                              else f"{rec['tokens_per_s']:.1f} (tg{rec['n_gen']})")
     for (label, threads), cell in merged.items():
-        lines.append(f"| {label}, {threads} threads (llama-bench) | | {cell['prefill']} | | {cell['decode']} | | | |")
+        lines.append(f"| {label}, {threads} threads (llama-bench) | | | {cell['prefill']} | | {cell['decode']} | | | |")
     lines += ["", f"Command: `{command}`; results: `{path}`."]
     return "\n".join(lines)
 
