@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything this project checks and times on a GPU, in stages, for the device tool:
 #   bash scripts/gpu_run.sh STAGE [STAGE ...]     (stages: setup exact bench2b bench8b attention
-#                                                  ttft2b attention-pascal memory pascal prefill-profile vision harness)
+#                                                  ttft2b attention-pascal memory pascal prefill-profile decode-profile vision harness)
 # Results go to a results store under $OUT (packed as one tarball, since few files come back),
 # logs to $OUT/log.txt. Carried wheels (in .gpu_wheels) fill in what the GPU image lacks.
 set -uo pipefail
@@ -35,15 +35,15 @@ for s in "$@"; do
                --plan attention=sdpa,kv_cache=static,execution=cuda_graph \
                --plan attention=eager,kv_cache=static,execution=compile \
                --plan attention=sdpa,kv_cache=static,execution=compile ;;
-    ttft2b) stage ttft2b 300 python -m harness.bench --preset 2b --device cuda --dtype bf16 --compare transformers \
+    ttft2b) stage ttft2b 420 python -m harness.bench --preset 2b --device cuda --dtype bf16 --compare transformers \
               --rounds 3 --results-dir "$RES" \
-              --plan "attention=sdpa,kv_cache=static,execution=cuda_graph[prefill_graphs=0]" \
               --plan attention=sdpa,kv_cache=static,execution=cuda_graph \
-              --plan attention=eager,kv_cache=static,execution=compile ;;
+              --plan attention=eager,kv_cache=static,execution=compile \
+              --plan attention=sdpa,kv_cache=static,execution=compile ;;
     bench8b) stage bench8b 360 python -m harness.bench --preset 8b --device cuda --dtype bf16 --compare transformers \
                --transformers-paths static --rounds 2 --new-tokens 64 --results-dir "$RES" --plan attention=sdpa \
                --plan attention=sdpa,kv_cache=static,execution=cuda_graph \
-               --plan attention=eager,kv_cache=static,execution=compile ;;
+               --plan attention=sdpa,kv_cache=static,execution=compile ;;
     attention) stage attention 170 python -m harness.bench_attention --preset 2b --device cuda --dtype bf16 \
                  --results-dir "$RES" ;;
     memory) stage memory 420 python -m suites.bench_memory_quant --device cuda --dtype fp16 --parts offload,decode,kv \
@@ -56,6 +56,7 @@ for s in "$@"; do
     attention-pascal) stage attention-pascal 150 python -m harness.bench_attention --preset 2b --device cuda \
                         --dtype fp16 --emulate sm61-laptop --results-dir "$RES" ;;
     prefill-profile) stage prefill-profile 300 python scripts/gpu_prefill_profile.py ;;
+    decode-profile) stage decode-profile 540 python scripts/gpu_decode_profile.py ;;
     vision) stage vision 300 python -m pytest -q tests/optim/vision/test_devices.py ;;
     harness) stage harness 540 python -m harness.gpu_check --results-dir "$RES" ;;
     *) echo "unknown stage $s"; status=2 ;;

@@ -26,6 +26,23 @@ def softmax_attention(q, k, v, allowed: torch.Tensor | None, scale: float) -> to
     return torch.matmul(probs, v)
 
 
+def grouped_softmax_attention(q, k, v, allowed: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """``softmax_attention`` of [B, Hq, Lq, d] queries over [B, Hkv, Lk, d] keys without repeating the KV
+    heads: each KV head's query group as the rows of one product (the same dot products and softmax; no
+    copy of K and V per call, which for a decode step over a long cache is most of its attention bytes).
+    ``allowed``: [B or 1, 1, Lq, Lk] or None."""
+    b, hq, lq, d = q.shape
+    hkv = k.shape[1]
+    groups = hq // hkv
+    scores = torch.matmul(q.reshape(b, hkv, groups * lq, d), k.transpose(-1, -2)) * scale
+    if allowed is not None:
+        lk = scores.shape[-1]
+        scores = scores.view(b, hkv, groups, lq, lk).masked_fill(~allowed[:, :, None], torch.finfo(scores.dtype).min)
+        scores = scores.view(b, hkv, groups * lq, lk)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v).view(b, hq, lq, d)
+
+
 class EagerAttention:
     name = "eager"
 

@@ -17,6 +17,7 @@ With ``compile=True`` (the ``compile`` option) the step is first compiled by tor
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 
@@ -25,9 +26,10 @@ import torch.nn.functional as F
 
 from qwen3_vl.generate import DecodeRequest, decode_loop
 from qwen3_vl.model.layers import RMSNorm
+from qwen3_vl.optim.attention.eager import grouped_softmax_attention
 from qwen3_vl.optim.execution.fusion import fuse_projections
 from qwen3_vl.optim.execution.prefill_graph import PrefillGraphs
-from qwen3_vl.optim.kv_cache.common import KVShape
+from qwen3_vl.optim.kv_cache.common import KVShape, tensor_bytes
 from qwen3_vl.optim.kv_cache.static import StaticCache
 from qwen3_vl.optim.plan import Optimization, Requirements, Target
 
@@ -61,15 +63,30 @@ class GraphStaticCache(StaticCache):
         self.valid.index_fill_(1, self.position, True)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        if self.keys is None:
+            # One buffer per layer, not slices of one: a compiled step's in-place write into a slice of a
+            # shared buffer is functionalised into a rewrite of the whole buffer (H200, 2b: seven 29 MB
+            # rewrites per K and V, about 0.5 of a 2.58 ms step); a write into a buffer of its own stays a
+            # one-row write.
+            s = self.shape
+            size = (self.batch, s.kv_heads, self.max_tokens, s.head_dim)
+            self.keys = [torch.zeros(size, dtype=k.dtype, device=k.device) for _ in range(s.num_layers)]
+            self.values = [torch.zeros(size, dtype=v.dtype, device=v.device) for _ in range(s.num_layers)]
+        keys, values = self.keys[layer], self.values[layer]
         if not self.graph_mode:
+            start, end = self.seen_tokens, self.seen_tokens + self._pending
+            keys[:, :, start:end] = k
+            values[:, :, start:end] = v
             # Without padding every cached key is valid: no mask, so attention takes its causal path
             # instead of a masked one that checks for empty rows on the host every layer (on the
             # H200, 2b image prompt: 66 -> 56 ms to the first token).
-            keys, values, valid = super().update(layer, k, v)
-            return keys, values, (valid if self.padded else None)
-        self.keys[layer].index_copy_(2, self.position, k)
-        self.values[layer].index_copy_(2, self.position, v)
-        return self.keys[layer], self.values[layer], self.valid
+            return keys[:, :, :end], values[:, :, :end], (self.valid[:, :end] if self.padded else None)
+        keys.index_copy_(2, self.position, k)
+        values.index_copy_(2, self.position, v)
+        return keys, values, self.valid
+
+    def nbytes(self) -> int:
+        return tensor_bytes(*(self.keys or ()), *(self.values or ()), self.valid)
 
     def end_step(self) -> None:
         if not self.graph_mode:
@@ -88,6 +105,37 @@ class FusedRMSNorm(RMSNorm):
         return self.weight.to(dtype) * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(dtype)
 
 
+class DecodeAttention:
+    """The attention of a captured decode step under the exact options (``NEEDS``: eager, sdpa): one query
+    over the whole cache bucket with its validity mask, as ``grouped_softmax_attention`` (eager's formula,
+    KV heads not repeated). The plan's option keeps the prefill and the vision tower. H200, 2b: repeating
+    K and V was 56 copies of 2 MB per step; sdpa's one-query path also replaced empty rows, which a decode
+    query (its own key always valid) cannot have."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.name = inner, inner.name
+
+    def text(self, q, k, v, mask, scale: float) -> torch.Tensor:
+        if q.shape[2] != 1:
+            return self.inner.text(q, k, v, mask, scale)
+        allowed = None if mask.key_valid is None else mask.key_valid[:, None, None, :]
+        return grouped_softmax_attention(q, k, v, allowed, scale)
+
+    def vision(self, q, k, v, cu_seqlens, scale: float) -> torch.Tensor:
+        return self.inner.vision(q, k, v, cu_seqlens, scale)
+
+
+@contextlib.contextmanager
+def decode_attention(model):
+    """``model.attention`` as ``DecodeAttention`` while a decode step is traced, captured or run uncaptured."""
+    inner = model.attention
+    model.attention = DecodeAttention(inner)
+    try:
+        yield
+    finally:
+        model.attention = inner
+
+
 class CapturedStep:
     """One decode step captured in a CUDA graph with its static input and output buffers.
 
@@ -97,7 +145,7 @@ class CapturedStep:
         batch, device = cache.batch, cache.valid.device
         self.token = torch.zeros(batch, dtype=torch.long, device=device)
         self.position = torch.zeros(1, batch, 1, dtype=torch.long, device=device)
-        self.cache = cache
+        self.cache, self.model = cache, model
 
         def step():
             embeds = model.language_model.embed_tokens(self.token[:, None]).to(model.compute_dtype)
@@ -105,14 +153,23 @@ class CapturedStep:
             self.position.add_(1)
             return logits[:, -1]
 
+        self.eager_fn = step
         self.fn = torch.compile(step, dynamic=False) if compile_step else step
         self.graph = None
         if not capture:
             return
         observers, model.step_observers = model.step_observers, []  # warm-up logits are not real steps
+        try:
+            with decode_attention(model):
+                self._capture(model, cache, compile_step)
+        finally:
+            model.step_observers = observers
+
+    def _capture(self, model, cache: GraphStaticCache, compile_step: bool) -> None:
+        device = cache.valid.device
         saved = (cache.position.clone(), cache.valid.clone(), self.position.clone())
         if compile_step:  # one eager step first: options pick their kernels outside the trace
-            step()
+            self.eager_fn()
             cache.position.copy_(saved[0])
             cache.valid.copy_(saved[1])
             self.position.copy_(saved[2])
@@ -133,13 +190,12 @@ class CapturedStep:
         cache.position.copy_(saved[0])
         cache.valid.copy_(saved[1])
         self.position.copy_(saved[2])
-        model.step_observers = observers
-        self.model = model
 
     def run(self) -> torch.Tensor:
         """Logits [B, V] of the step for ``self.token`` at ``self.position``."""
         if self.graph is None:
-            return self.fn()
+            with decode_attention(self.model):
+                return self.fn()
         self.graph.replay()
         for observer in self.model.step_observers:  # a copy: the next replay overwrites the buffer
             observer(self.logits[:, None].clone())

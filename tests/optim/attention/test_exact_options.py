@@ -14,6 +14,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from qwen3_vl.model.text import AttentionMask
+from qwen3_vl.optim.attention.eager import grouped_softmax_attention
 from qwen3_vl.optim.attention.flash_kv import FlashKVAttention
 from qwen3_vl.optim.attention.sdpa import SdpaAttention
 from qwen3_vl.optim.attention.tiled import TiledAttention, tiled_attention
@@ -24,6 +26,7 @@ from .cases import (
     EAGER,
     EXACT_FP32,
     TARGET,
+    TextCase,
     low_precision_ok,
     text_cases,
     text_error,
@@ -164,3 +167,36 @@ def test_sdpa_backend_restriction_is_honoured():
     assert attention.describe()["ran"] == {"prefill": {"math": 1}}
     with pytest.raises(ValueError, match="unknown SDPA backend"):
         SdpaAttention(TARGET, backends="fast")
+
+
+class _Grouped:
+    """``grouped_softmax_attention`` (the captured decode step's attention) with the mask as eager builds it."""
+
+    name = "grouped"
+
+    def text(self, q, k, v, mask, scale):
+        return grouped_softmax_attention(q, k, v, mask.allowed(q.shape[2], k.shape[2], q.device), scale)
+
+
+@SETTINGS
+@given(case=text_cases())
+def test_grouped_softmax_attention_text(case):
+    assert text_error(_Grouped(), case) <= EXACT_FP32
+
+
+class _HeadsSwapped(_Grouped):
+    """A planted fault: query head h paired with KV head h % Hkv instead of h // groups."""
+
+    def text(self, q, k, v, mask, scale):
+        b, hq, lq, d = q.shape
+        hkv = k.shape[1]
+        swap = lambda t, a, c: t.reshape(b, a, c, lq, d).transpose(1, 2).reshape(b, hq, lq, d)
+        return swap(super().text(swap(q, hq // hkv, hkv), k, v, mask, scale), hkv, hq // hkv)
+
+
+def test_grouped_attention_check_catches_heads_paired_wrongly():
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, h, n, 16, generator=gen).to(DEVICE) for h, n in ((4, 1), (2, 9), (2, 9)))
+    case = TextCase(q, k, v, AttentionMask(None, True), 0.25)
+    assert text_error(_Grouped(), case) <= EXACT_FP32
+    assert text_error(_HeadsSwapped(), case) > 1e-2

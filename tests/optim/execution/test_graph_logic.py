@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import qwen3_vl
+from qwen3_vl.optim.execution import cuda_graph
 from qwen3_vl.optim.execution.cuda_graph import CudaGraphExecution
 from qwen3_vl.optim.execution.fusion import FusedTextAttention, FusedTextMLP
 from qwen3_vl.optim.plan import Target, conflicts_of, make_plan
@@ -115,3 +116,24 @@ def test_pascal_gets_cuda_graphs_without_compile():
 
     pascal = Target("cuda:0", "fp16", (6, 1), "GeForce GTX 1060")
     assert "compute capability >= 7.0, GPU has 6.1" in get("execution", "compile").unavailable(pascal)
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_decode_steps_take_the_grouped_attention_over_per_layer_buffers(tiny_checkpoint, ours_tiny, attention,
+                                                                         monkeypatch):
+    """The decode step's attention is ``grouped_softmax_attention`` (KV heads not repeated), the prefill the
+    plan's option; the cache holds one buffer per layer (a compiled write into a slice of a shared buffer
+    rewrites all of it); the tokens are the reference's."""
+    calls = []
+    original = cuda_graph.grouped_softmax_attention
+    monkeypatch.setattr(cuda_graph, "grouped_softmax_attention",
+                        lambda q, *rest: (calls.append(q.shape[2]), original(q, *rest))[1])
+    model = graph_model(tiny_checkpoint, f"attention={attention}", bucket=16)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    kw = dict(max_new_tokens=6, eos_token_id=[])
+    assert torch.equal(model.generate(ids, **kw), ours_tiny.generate(ids, **kw))
+    layers = ours_tiny.config.text.num_hidden_layers
+    assert calls == [1] * (5 * layers)  # 5 decode steps after the prefill's token, every layer, one query each
+    assert model.attention.name == attention  # the plan's option is back after the step
+    cache = model.execution.cache
+    assert len({t.data_ptr() for t in cache.keys + cache.values}) == 2 * layers
