@@ -16,8 +16,10 @@ def test_plans_side_by_side_store_speed_error_and_llama_rows(tmp_path):
     llama.write_text(json.dumps([
         {"model_type": "qwen3vl ?B Q8_0", "n_prompt": 115, "n_gen": 0, "avg_ts": 800.0, "n_threads": 2},
         {"model_type": "qwen3vl ?B Q8_0", "n_prompt": 0, "n_gen": 32, "avg_ts": 110.0, "n_threads": 2}]))
-    argv = ["--preset", "tiny", "--device", "cpu", "--threads", "1", "--rounds", "2", "--warmup", "0",
-            "--new-tokens", "6", "--image-size", "64", "--results-dir", str(tmp_path / "r"),
+    # One warm-up round: a cold first-token round (lazy kernel setup) once measured longer than a warm
+    # six-token one, and the bench then rightly refused the decode time as unresolvable.
+    argv = ["--preset", "tiny", "--device", "cpu", "--threads", "1", "--rounds", "2", "--warmup", "1",
+            "--new-tokens", "10", "--image-size", "64", "--results-dir", str(tmp_path / "r"),
             "--markdown", str(tmp_path / "t.md"), "--llama-bench", str(llama)]
     for plan in PLANS:
         argv += ["--plan", plan]
@@ -25,7 +27,7 @@ def test_plans_side_by_side_store_speed_error_and_llama_rows(tmp_path):
     df = results.load(tmp_path / "r")
     value = df.set_index(["case", "metric"]).value
     for plan in PLANS:
-        assert value[(plan, "greedy_tokens_equal_to_first")] >= (6 if plan != "quant=int8_weight" else 0)
+        assert value[(plan, "greedy_tokens_equal_to_first")] >= (10 if plan != "quant=int8_weight" else 0)
         assert (plan, "decode_ms_per_token") in value.index and (plan, "ttft_ms") in value.index
     # the exact plan agrees with the reference teacher-forced; the quantized one is measurably off
     assert value[(PLANS[1], "logits_rel")] <= 1e-5 and value[(PLANS[1], "top1_agreement")] == 1.0
