@@ -11,7 +11,7 @@ seed, so the weights are the same; their steps are timed in interleaved rounds, 
 the captured graph from the same cache position, and their logits compared with the first variant's.
 Caution: in one process (torch 2.11) the later variants compiled in about 3 s against 64-84 s for the
 first, with the first's kernel names and times: their settings did not reach a fresh compile, so compare
-settings in separate processes.
+settings in separate processes (``TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1``, ``TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1``).
 """
 
 from __future__ import annotations
