@@ -3,12 +3,13 @@ and replayed per token, so a token costs one graph launch instead of hundreds of
 from Python. No host synchronisation per token: tokens are chosen on the device and the end-token
 check runs every ``check_every`` steps.
 
-The KV cache is the ``static`` option's, in a fixed-shape form: one persistent buffer per
-(batch, length bucket) reused across ``generate`` calls, written at a device-side position, with
-attention over the whole bucket and a validity mask (keys past the current position are masked,
-so the result is the same up to float reassociation). The prefill is replayed from a graph captured per
-prompt shape (``prefill_graph.py``; ``prefill_graphs=0`` turns that off); where it is not, it runs eagerly with
-fewer launches: no validity mask unless the prompt is padded, and each text RMSNorm as one fused call
+The KV cache is the ``static`` option's, in a fixed-shape form: persistent buffers, one per layer, per
+(batch, length bucket), reused across ``generate`` calls and written at a device-side position, with
+attention over the whole bucket and a validity mask (keys past the current position are masked, so the
+result is the same up to float reassociation); the step's attention is ``DecodeAttention`` (eager's
+formula with the KV heads not repeated). The prefill is replayed from a graph captured per prompt shape
+(``prefill_graph.py``; ``prefill_graphs=0`` turns that off); where it is not, it runs eagerly with fewer
+launches: no validity mask unless the prompt is padded, and each text RMSNorm as one fused call
 (``FusedRMSNorm``).
 
 With ``compile=True`` (the ``compile`` option) the step is first compiled by torch.compile
