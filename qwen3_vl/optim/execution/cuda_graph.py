@@ -3,8 +3,8 @@ and replayed per token, so a token costs one graph launch instead of hundreds of
 from Python. No host synchronisation per token: tokens are chosen on the device and the end-token
 check runs every ``check_every`` steps.
 
-The KV cache is the ``static`` option's, in a fixed-shape form: persistent buffers, one per layer, per
-(batch, length bucket), reused across ``generate`` calls and written at a device-side position, with
+The KV cache is the ``static`` option's (one buffer per layer), in a fixed-shape form: persistent buffers
+per (batch, length bucket), reused across ``generate`` calls and written at a device-side position, with
 attention over the whole bucket and a validity mask (keys past the current position are masked, so the
 result is the same up to float reassociation); the step's attention is ``DecodeAttention`` (eager's
 formula with the KV heads not repeated). The prefill is replayed from a graph captured per prompt shape
@@ -30,7 +30,7 @@ from qwen3_vl.model.layers import RMSNorm
 from qwen3_vl.optim.attention.eager import grouped_softmax_attention
 from qwen3_vl.optim.execution.fusion import fuse_projections
 from qwen3_vl.optim.execution.prefill_graph import PrefillGraphs
-from qwen3_vl.optim.kv_cache.common import KVShape, tensor_bytes
+from qwen3_vl.optim.kv_cache.common import KVShape
 from qwen3_vl.optim.kv_cache.static import StaticCache
 from qwen3_vl.optim.plan import Optimization, Requirements, Target
 
@@ -64,30 +64,15 @@ class GraphStaticCache(StaticCache):
         self.valid.index_fill_(1, self.position, True)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        if self.keys is None:
-            # One buffer per layer, not slices of one: a compiled step's in-place write into a slice of a
-            # shared buffer is functionalised into a rewrite of the whole buffer (H200, 2b: seven 29 MB
-            # rewrites per K and V, about 0.5 of a 2.58 ms step); a write into a buffer of its own stays a
-            # one-row write.
-            s = self.shape
-            size = (self.batch, s.kv_heads, self.max_tokens, s.head_dim)
-            self.keys = [torch.zeros(size, dtype=k.dtype, device=k.device) for _ in range(s.num_layers)]
-            self.values = [torch.zeros(size, dtype=v.dtype, device=v.device) for _ in range(s.num_layers)]
-        keys, values = self.keys[layer], self.values[layer]
         if not self.graph_mode:
-            start, end = self.seen_tokens, self.seen_tokens + self._pending
-            keys[:, :, start:end] = k
-            values[:, :, start:end] = v
             # Without padding every cached key is valid: no mask, so attention takes its causal path
             # instead of a masked one that checks for empty rows on the host every layer (on the
             # H200, 2b image prompt: 66 -> 56 ms to the first token).
-            return keys[:, :, :end], values[:, :, :end], (self.valid[:, :end] if self.padded else None)
-        keys.index_copy_(2, self.position, k)
-        values.index_copy_(2, self.position, v)
-        return keys, values, self.valid
-
-    def nbytes(self) -> int:
-        return tensor_bytes(*(self.keys or ()), *(self.values or ()), self.valid)
+            keys, values, valid = super().update(layer, k, v)
+            return keys, values, (valid if self.padded else None)
+        self.keys[layer].index_copy_(2, self.position, k)
+        self.values[layer].index_copy_(2, self.position, v)
+        return self.keys[layer], self.values[layer], self.valid
 
     def end_step(self) -> None:
         if not self.graph_mode:
