@@ -34,13 +34,9 @@ def grouped_softmax_attention(q, k, v, allowed: torch.Tensor | None, scale: floa
     b, hq, lq, d = q.shape
     hkv = k.shape[1]
     groups = hq // hkv
-    scores = torch.matmul(q.reshape(b, hkv, groups * lq, d), k.transpose(-1, -2)) * scale
-    if allowed is not None:
-        lk = scores.shape[-1]
-        scores = scores.view(b, hkv, groups, lq, lk).masked_fill(~allowed[:, :, None], torch.finfo(scores.dtype).min)
-        scores = scores.view(b, hkv, groups * lq, lk)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return torch.matmul(probs, v).view(b, hq, lq, d)
+    if allowed is not None:  # a query head's rows keep their query's mask
+        allowed = allowed[:, :, None].expand(-1, -1, groups, -1, -1).reshape(allowed.shape[0], 1, groups * lq, -1)
+    return softmax_attention(q.reshape(b, hkv, groups * lq, d), k, v, allowed, scale).view(b, hq, lq, d)
 
 
 class EagerAttention:
