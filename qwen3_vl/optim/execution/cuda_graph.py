@@ -151,14 +151,20 @@ class CapturedStep:
         finally:
             model.step_observers = observers
 
+    def state(self) -> tuple[torch.Tensor, ...]:
+        """What running the step advances (cache position and validity, the step's position), to restore."""
+        return self.cache.position.clone(), self.cache.valid.clone(), self.position.clone()
+
+    def restore(self, state: tuple[torch.Tensor, ...]) -> None:
+        for tensor, saved in zip((self.cache.position, self.cache.valid, self.position), state, strict=True):
+            tensor.copy_(saved)
+
     def _capture(self, model, cache: GraphStaticCache, compile_step: bool) -> None:
         device = cache.valid.device
-        saved = (cache.position.clone(), cache.valid.clone(), self.position.clone())
+        saved = self.state()
         if compile_step:  # one eager step first: options pick their kernels outside the trace
             self.eager_fn()
-            cache.position.copy_(saved[0])
-            cache.valid.copy_(saved[1])
-            self.position.copy_(saved[2])
+            self.restore(saved)
         # Warm up on a side stream (compiles, picks kernels), then restore the cache state the
         # warm-up advanced, then capture.
         stream = torch.cuda.Stream(device)
@@ -166,16 +172,12 @@ class CapturedStep:
         with torch.cuda.stream(stream):
             for _ in range(3 if compile_step else 2):
                 self.fn()
-                cache.position.copy_(saved[0])
-                cache.valid.copy_(saved[1])
-                self.position.copy_(saved[2])
+                self.restore(saved)
         torch.cuda.current_stream(device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = self.fn()
-        cache.position.copy_(saved[0])
-        cache.valid.copy_(saved[1])
-        self.position.copy_(saved[2])
+        self.restore(saved)
 
     def run(self) -> torch.Tensor:
         """Logits [B, V] of the step for ``self.token`` at ``self.position``."""
