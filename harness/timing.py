@@ -150,6 +150,33 @@ def interleaved(
     return out
 
 
+def capture_graph(fn: Callable[[], Any]) -> torch.cuda.CUDAGraph:
+    """``fn`` run once on a side stream (kernels chosen, memory allocated), captured in a CUDA graph and
+    replayed once (the first replay uploads the graph, so the next ones are what a timing should see)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    return graph
+
+
+def graph_replay_ms(graph: torch.cuda.CUDAGraph, replays: int) -> float:
+    """Device milliseconds per replay of ``graph`` over ``replays`` back-to-back replays (CUDA events)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / replays
+
+
 def read_bandwidth(nbytes: int = 1 << 30, seconds: float = 1.0) -> float:
     """Bytes per second of a sum over ``nbytes`` of fp32 (more than every cache), best of ~``seconds``,
     with the current threads: what a memory-bound CPU decode step can read."""

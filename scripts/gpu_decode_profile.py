@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 import qwen3_vl
 from harness.bench import bench_prompt, copy_bandwidth, text_weight_bytes
+from harness.timing import capture_graph, graph_replay_ms
 from qwen3_vl.config import preset
 from qwen3_vl.model.layers import Linear
 
@@ -59,25 +60,17 @@ class Step:
 
     def __init__(self, model) -> None:
         execution = model.execution
-        self.model, self.captured, self.cache = model, execution.captured, execution.cache
+        self.model, self.captured = model, execution.captured
         if self.captured is None or self.captured.graph is None:
             raise RuntimeError(f"no captured decode step: {execution.describe()}")
-        self.saved = (self.cache.position.clone(), self.cache.valid.clone(), self.captured.position.clone())
+        self.saved = self.captured.state()
 
     def restore(self) -> None:
-        self.cache.position.copy_(self.saved[0])
-        self.cache.valid.copy_(self.saved[1])
-        self.captured.position.copy_(self.saved[2])
+        self.captured.restore(self.saved)
 
     def ms(self, replays: int) -> float:
         self.restore()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(replays):
-            self.captured.graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / replays
+        return graph_replay_ms(self.captured.graph, replays)
 
     def logits(self) -> torch.Tensor:
         self.restore()
@@ -89,28 +82,8 @@ def products_alone_ms(model, replays: int = 50) -> tuple[float, int]:
     """One step's matrix products alone (every text Linear and the output matrix at one row), captured."""
     weights = [m.weight for m in model.language_model.modules() if type(m) is Linear] + [model.lm_head.weight]
     inputs = {w.shape[1]: torch.randn(1, w.shape[1], device=w.device, dtype=w.dtype) for w in weights}
-
-    def run():
-        for w in weights:
-            F.linear(inputs[w.shape[1]], w)
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        run()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / replays, sum(w.numel() * w.element_size() for w in weights)
+    graph = capture_graph(lambda: [F.linear(inputs[w.shape[1]], w) for w in weights])
+    return graph_replay_ms(graph, replays), sum(w.numel() * w.element_size() for w in weights)
 
 
 def kernel_table(step: Step, replays: int = 20) -> None:

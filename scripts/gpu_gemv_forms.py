@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import qwen3_vl
 from harness.bench import copy_bandwidth
+from harness.timing import capture_graph, graph_replay_ms
 from qwen3_vl.config import preset
 from qwen3_vl.model.layers import Linear
 from qwen3_vl.optim.execution.fusion import fuse_projections
@@ -24,26 +25,6 @@ FORMS = {
     "mv": lambda x, w: torch.mv(w, x[0])[None],
     "w @ x.T": lambda x, w: (w @ x.T).T,
 }
-
-
-def graph_ms(fn, replays: int = 50) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / replays
 
 
 def main() -> None:
@@ -68,7 +49,8 @@ def main() -> None:
             times = {name: [] for name in FORMS}
             for _ in range(3):
                 for name, form in FORMS.items():
-                    times[name].append(graph_ms(lambda form=form, x=x, ws=weights: [form(x, w) for w in ws]))
+                    graph = capture_graph(lambda form=form, x=x, ws=weights: [form(x, w) for w in ws])
+                    times[name].append(graph_replay_ms(graph, 50))
             cells = []
             for name, form in FORMS.items():
                 ms = sorted(times[name])[1]
