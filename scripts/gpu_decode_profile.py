@@ -42,10 +42,12 @@ VARIANTS = {
 
 def kernel_group(name: str) -> str:
     low = name.lower()
-    if any(s in low for s in ("gemv", "gemm", "cutlass", "nvjet", "sm90_", "cublas", "splitk", "matmul", "mm_")):
+    if low.startswith("triton_tem"):  # Inductor's matmul templates (max_autotune)
         return "matrix product"
-    if low.startswith("triton") or "triton" in low:
+    if "triton" in low:  # before the library names: a fused kernel's name lists its ops (addmm, ...)
         return "triton (fused)"
+    if any(s in low for s in ("gemv", "gemm", "cutlass", "nvjet", "sm90_", "cublas", "splitk", "matmul")):
+        return "matrix product"
     if "softmax" in low or "attention" in low or "fmha" in low or "flash" in low:
         return "attention"
     if "copy" in low or "index" in low or "scatter" in low or "gather" in low or "fill" in low:
