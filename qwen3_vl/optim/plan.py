@@ -127,6 +127,17 @@ def _format_value(value: Any) -> str:
     return str(value)
 
 
+def _kind_mismatch(value: Any, default: Any) -> str | None:
+    """What kind of value a parameter with this default takes, where ``value`` is not one (bools and numbers)."""
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "true or false"
+    if isinstance(default, int):
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if isinstance(default, float):
+        return None if isinstance(value, int | float) and not isinstance(value, bool) else "a number"
+    return None
+
+
 def _parse_value(text: str) -> Any:
     text = text.strip()
     if text in ("true", "false"):
@@ -288,6 +299,10 @@ def make_plan(spec: Mapping[str, str | Choice] | None = None, **axes: str | Choi
         if bad:
             allowed = ", ".join(opt.defaults) or "none"
             raise PlanError(f"{axis}={opt.name} has no parameter '{bad[0]}' (parameters: {allowed})")
+        for key, value in choice.params:
+            kind = _kind_mismatch(value, opt.defaults[key])
+            if kind:
+                raise PlanError(f"{axis}={opt.name} parameter '{key}' takes {kind}; got '{_format_value(value)}'")
         choices.append((axis, choice))
     return Plan(tuple(choices))
 
