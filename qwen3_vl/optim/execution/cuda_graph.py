@@ -122,21 +122,44 @@ def decode_attention(model):
         model.attention = inner
 
 
+EOS_SLOTS = 16  # end tokens the captured step checks itself; a request with more decodes eagerly
+
+
 class CapturedStep:
     """One decode step captured in a CUDA graph with its static input and output buffers.
 
-    With ``capture=False`` the same step runs uncaptured (how the CPU tests check the logic)."""
+    A replay first commits the token of the current index: the host's choice (``token``, with
+    ``host_choice`` set: sampling, or end tokens banned before ``min_new_tokens``) or else the greedy
+    choice the previous replay left in ``greedy``; finished rows get the pad id. It writes it to ``out``,
+    marks rows that reached an end token in ``finished``, then runs the model on it and leaves the next
+    greedy choice. So a greedy decode is one graph launch per token, with nothing else on the host or the
+    device between two replays. With ``capture=False`` the same step runs uncaptured (how the CPU tests
+    check the logic)."""
 
     def __init__(self, model, cache: GraphStaticCache, compile_step: bool, capture: bool = True) -> None:
         batch, device = cache.batch, cache.valid.device
-        self.token = torch.zeros(batch, dtype=torch.long, device=device)
-        self.position = torch.zeros(1, batch, 1, dtype=torch.long, device=device)
+        long = dict(dtype=torch.long, device=device)
+        self.token = torch.zeros(batch, **long)  # the host's choice, read when host_choice is set
+        self.greedy = torch.zeros(batch, **long)  # argmax of the last step's logits
+        self.host_choice = torch.ones(1, dtype=torch.bool, device=device)
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.pad = torch.zeros(1, **long)
+        self.eos = torch.full((EOS_SLOTS,), -1, **long)  # -1: an unused slot (no token id matches it)
+        self.out = torch.zeros(batch, cache.max_tokens, **long)
+        self.index = torch.zeros(1, **long)  # where in ``out`` the next commit goes
+        self.position = torch.zeros(1, batch, 1, **long)
         self.cache, self.model = cache, model
 
         def step():
-            embeds = model.language_model.embed_tokens(self.token[:, None]).to(model.compute_dtype)
+            token = torch.where(self.finished, self.pad, torch.where(self.host_choice, self.token, self.greedy))
+            self.out.index_copy_(1, self.index, token[:, None])
+            self.index.add_(1)
+            # not torch.isin: for one token against the slots it sorts, which a capture does not allow
+            self.finished.logical_or_((token[:, None] == self.eos).any(dim=-1))
+            embeds = model.language_model.embed_tokens(token[:, None]).to(model.compute_dtype)
             logits = model.step(embeds, self.position.expand(3, batch, 1), None, cache)
             self.position.add_(1)
+            self.greedy.copy_(logits[:, -1].float().argmax(dim=-1))
             return logits[:, -1]
 
         self.eager_fn = step
@@ -151,13 +174,32 @@ class CapturedStep:
         finally:
             model.step_observers = observers
 
+    def begin(self, request: DecodeRequest) -> None:
+        """Set the request's pad and end tokens, no row finished, the first commit at index 0."""
+        self.position.copy_(request.next_position)
+        self.pad.fill_(request.pad)
+        self.eos.fill_(-1)
+        if request.eos:
+            self.eos[: len(request.eos)] = torch.tensor(request.eos, dtype=torch.long)
+        self.finished.zero_()
+        self.index.zero_()
+
+    def commit_last(self) -> None:
+        """Commit the last token without running the model on it (what a replay's first half does)."""
+        token = torch.where(self.host_choice, self.token, self.greedy)
+        self.out.index_copy_(1, self.index, torch.where(self.finished, self.pad, token)[:, None])
+
     def state(self) -> tuple[torch.Tensor, ...]:
-        """What running the step advances (cache position and validity, the step's position), to restore."""
-        return self.cache.position.clone(), self.cache.valid.clone(), self.position.clone()
+        """What running the step advances (cache position and validity, the step's position, its commit
+        index, finished rows and greedy choice), to restore."""
+        return tuple(t.clone() for t in self._advanced())
 
     def restore(self, state: tuple[torch.Tensor, ...]) -> None:
-        for tensor, saved in zip((self.cache.position, self.cache.valid, self.position), state, strict=True):
+        for tensor, saved in zip(self._advanced(), state, strict=True):
             tensor.copy_(saved)
+
+    def _advanced(self) -> tuple[torch.Tensor, ...]:
+        return self.cache.position, self.cache.valid, self.position, self.index, self.finished, self.greedy
 
     def _capture(self, model, cache: GraphStaticCache, compile_step: bool) -> None:
         device = cache.valid.device
@@ -180,7 +222,7 @@ class CapturedStep:
         self.restore(saved)
 
     def run(self) -> torch.Tensor:
-        """Logits [B, V] of the step for ``self.token`` at ``self.position``."""
+        """Commit the current token, then the logits [B, V] of the step on it."""
         if self.graph is None:
             with decode_attention(self.model):
                 return self.fn()
@@ -231,11 +273,7 @@ class CudaGraphExecution:
         cache = request.cache
         if not isinstance(cache, GraphStaticCache):
             raise RuntimeError("CUDA-graph decoding needs the cache made by its own new_cache()")
-        batch = request.logits.shape[0]
-        eos_ids = torch.tensor(request.eos, device=self.device, dtype=torch.long)
-        finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
-        out = torch.empty(batch, request.max_new_tokens, dtype=torch.long, device=self.device)
-        if self.capture_error:
+        if self.capture_error or len(request.eos) > EOS_SLOTS:
             return decode_loop(model, request)
         cache.enter_graph_mode()
         if self.captured is None:
@@ -249,31 +287,41 @@ class CudaGraphExecution:
                 return decode_loop(model, request)
             self.captures += 1
         step = self.captured
-        step.position.copy_(request.next_position)
-        logits = request.logits[:, -1]
-        produced = 0
+        step.begin(request)
+        logits, host_mode, produced = request.logits[:, -1], None, 0
         for index in range(request.max_new_tokens):
-            token = request.choose(logits, index, finished)
-            out[:, index] = token
-            produced = index + 1
-            if request.streamer is not None:
-                request.streamer.put(token.cpu())
-            if request.eos:
-                finished |= torch.isin(token, eos_ids)
-                if (index + 1) % self.check_every == 0 and bool(finished.all()):
-                    break
+            # The host chooses the first token (from the prefill's logits), sampled ones and those with end
+            # tokens banned; otherwise the previous replay's greedy choice is committed by the next one.
+            host = index == 0 or request.do_sample or bool(request.banned(index))
+            if host:
+                step.token.copy_(request.choose(logits, index, step.finished))
+            if host != host_mode:
+                step.host_choice.fill_(host)
+                host_mode = host
             if index == request.max_new_tokens - 1:
+                step.commit_last()
+                produced = index + 1
+                self._stream(request, step, index)
                 break
-            step.token.copy_(token)
             logits = step.run()
+            produced = index + 1
+            self._stream(request, step, index)
+            if request.eos and produced % self.check_every == 0 and bool(step.finished.all()):
+                break
         cache.seen_tokens = int(cache.position)  # one sync at the end: host bookkeeping catches up
         cache.graph_mode = False
-        tokens = out[:, :produced]
+        tokens = step.out[:, :produced].clone()
         if request.eos:  # the reference stops at the first step where every row has ended
+            eos_ids = torch.tensor(request.eos, device=self.device, dtype=torch.long)
             ended = torch.isin(tokens, eos_ids).cummax(dim=1).values.all(dim=0)
             last = int(ended.nonzero()[0]) + 1 if bool(ended.any()) else produced
             tokens = tokens[:, :last]
         return tokens
+
+    @staticmethod
+    def _stream(request: DecodeRequest, step: CapturedStep, index: int) -> None:
+        if request.streamer is not None:
+            request.streamer.put(step.out[:, index].cpu())
 
     def describe(self) -> dict:
         return {"option": self.name, "fused_layers": self.fused_layers, "fused_norms": self.fused_norms,
