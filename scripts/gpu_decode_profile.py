@@ -31,6 +31,7 @@ import qwen3_vl
 from harness.bench import bench_prompt, copy_bandwidth, text_weight_bytes
 from harness.timing import capture_graph, graph_replay_ms
 from qwen3_vl.config import preset
+from qwen3_vl.kernels.triton_gemv import gemv
 from qwen3_vl.model.layers import Linear
 
 VARIANTS = {
@@ -80,11 +81,11 @@ class Step:
         return self.captured.logits.float().clone()
 
 
-def products_alone_ms(model, replays: int = 50) -> tuple[float, int]:
+def products_alone_ms(model, product, replays: int = 50) -> tuple[float, int]:
     """One step's matrix products alone (every text Linear and the output matrix at one row), captured."""
-    weights = [m.weight for m in model.language_model.modules() if type(m) is Linear] + [model.lm_head.weight]
+    weights = [m.weight for m in model.language_model.modules() if isinstance(m, Linear)] + [model.lm_head.weight]
     inputs = {w.shape[1]: torch.randn(1, w.shape[1], device=w.device, dtype=w.dtype) for w in weights}
-    graph = capture_graph(lambda: [F.linear(inputs[w.shape[1]], w) for w in weights])
+    graph = capture_graph(lambda: [product(inputs[w.shape[1]], w) for w in weights])
     return graph_replay_ms(graph, replays), sum(w.numel() * w.element_size() for w in weights)
 
 
@@ -119,17 +120,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="2b")
     parser.add_argument("--dtype", default="bf16")
-    parser.add_argument("--plan", default="attention=eager,kv_cache=static,execution=compile")
+    parser.add_argument("--plan", action="append", help="repeatable: each plan's step is a variant of its own "
+                        "(default attention=eager,kv_cache=static,execution=compile)")
     parser.add_argument("--variants", default="default")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--replays", type=int, default=100)
     args = parser.parse_args()
+    args.plan = args.plan or ["attention=eager,kv_cache=static,execution=compile"]
     config = preset(args.preset)
     device = torch.device("cuda")
     bandwidth = copy_bandwidth(device)
     floor_ms = text_weight_bytes(config, torch.bfloat16 if args.dtype == "bf16" else torch.float16) / bandwidth * 1e3
-    print(f"{args.preset} {args.dtype} {args.plan} on {torch.cuda.get_device_name()}, torch {torch.__version__}; "
-          f"copy {bandwidth / 1e12:.2f} TB/s; floor {floor_ms:.3f} ms/token")
+    print(f"{args.preset} {args.dtype} {' | '.join(args.plan)} on {torch.cuda.get_device_name()}, "
+          f"torch {torch.__version__}; copy {bandwidth / 1e12:.2f} TB/s; floor {floor_ms:.3f} ms/token")
     inputs = bench_prompt(config, 448, 262)
     inputs = {k: v.to(device) for k, v in inputs.items()}
     steps: dict[str, Step] = {}
@@ -137,12 +140,14 @@ def main() -> None:
     inductor_config.fx_graph_cache = False
     inductor_config.autotune_local_cache = False
     torch._functorch.config.enable_autograd_cache = False
-    for name in args.variants.split(","):
-        settings = VARIANTS[name]
+    variants = [(plan, name) for plan in args.plan for name in args.variants.split(",")]
+    for plan, variant in variants:
+        settings = VARIANTS[variant]
+        name = variant if len(args.plan) == 1 else f"{plan.rsplit('=', 1)[-1]}/{variant}"
         torch._dynamo.utils.counters.clear()
         start = time.perf_counter()
         try:
-            model = qwen3_vl.build(config, dtype=args.dtype, device=device, plan=args.plan, seed=0)
+            model = qwen3_vl.build(config, dtype=args.dtype, device=device, plan=plan, seed=0)
             with inductor_config.patch(settings) if settings else contextlib.nullcontext():
                 model.generate(**inputs, max_new_tokens=8, min_new_tokens=8, eos_token_id=[])
             steps[name] = Step(model)
@@ -160,9 +165,10 @@ def main() -> None:
 
 def measure(steps: dict[str, Step], args, floor_ms: float) -> None:
     first = next(iter(steps.values()))
-    products_ms, product_bytes = products_alone_ms(first.model)
-    print(f"matrix products alone (cuBLAS, one row, captured): {products_ms:.3f} ms per step, "
-          f"{product_bytes / products_ms / 1e6:.0f} GB/s ({product_bytes / 1e9:.2f} GB)")
+    for kind, product in (("cuBLAS", F.linear), ("our Triton GEMV", gemv)):
+        products_ms, product_bytes = products_alone_ms(first.model, product)
+        print(f"matrix products alone ({kind}, one row, captured): {products_ms:.3f} ms per step, "
+              f"{product_bytes / products_ms / 1e6:.0f} GB/s ({product_bytes / 1e9:.2f} GB)")
     reference = first.logits()
     for name, step in steps.items():
         err = float((step.logits() - reference).abs().max() / reference.abs().max())
@@ -174,7 +180,7 @@ def measure(steps: dict[str, Step], args, floor_ms: float) -> None:
     print(f"\nreplayed step, median of {args.rounds} interleaved rounds of {args.replays} replays:")
     for name, times in samples.items():
         ms = sorted(times)[len(times) // 2]
-        print(f"  {name:10s} {ms:.3f} ms/token ({1e3 / ms:.0f} tokens/s, {floor_ms / ms:.0%} of the floor; "
+        print(f"  {name:16s} {ms:.3f} ms/token ({1e3 / ms:.0f} tokens/s, {floor_ms / ms:.0%} of the floor; "
               f"samples {', '.join(f'{t:.3f}' for t in times)})")
     for name, step in steps.items():
         print(f"\nkernels of {name}:")

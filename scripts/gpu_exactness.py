@@ -29,6 +29,7 @@ PLANS = (
     "attention=sdpa",
     "attention=eager,kv_cache=static,execution=cuda_graph",
     "attention=sdpa,kv_cache=static,execution=cuda_graph",
+    "attention=sdpa,kv_cache=static,execution=compile[gemv=false]",
     "attention=sdpa,kv_cache=static,execution=compile",
 )
 

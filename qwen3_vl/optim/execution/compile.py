@@ -1,5 +1,8 @@
 """torch.compile + CUDA graphs: the decode step compiled by Inductor (Triton kernels that fuse the
-elementwise work of each layer) and then captured and replayed like ``cuda_graph``.
+elementwise work of each layer) and then captured and replayed like ``cuda_graph``. With ``gemv=True``
+the text decoder's one-row products (every projection and the output matrix in a decode step) are our
+Triton GEMV (``qwen3_vl/kernels/triton_gemv.py``) instead of cuBLAS's; any product of more rows (the
+prefill) stays cuBLAS's.
 
 Triton refuses GPUs below compute capability 7.0, so on a Pascal (sm_61) GPU this option is
 unavailable and falls back to ``cuda_graph`` with that reason recorded.
@@ -9,6 +12,10 @@ from __future__ import annotations
 
 import importlib.util
 
+import torch
+
+from qwen3_vl.kernels.triton_gemv import gemv, tile
+from qwen3_vl.model.layers import Linear
 from qwen3_vl.optim.execution.cuda_graph import NEEDS, CudaGraphExecution
 from qwen3_vl.optim.plan import Optimization, Requirements, Target
 
@@ -19,11 +26,31 @@ def _triton_reason(target: Target) -> str | None:
     return None
 
 
+class GemvLinear(Linear):
+    """A bias-free text ``Linear`` whose one-row products go through the Triton GEMV (exact: fp32 sums)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == self.in_features and x.dtype == self.weight.dtype:
+            return gemv(x.contiguous(), self.weight)
+        return super().forward(x)
+
+
+def use_gemv(model) -> int:
+    """Swap the text decoder's plain bias-free ``Linear`` projections and the output matrix to
+    ``GemvLinear`` where the kernel fits the shape; returns how many."""
+    swapped = 0
+    for module in [*model.language_model.modules(), model.lm_head]:
+        if type(module) is Linear and module.bias is None and tile(*module.weight.shape) is not None:
+            module.__class__ = GemvLinear
+            swapped += 1
+    return swapped
+
+
 class CompiledExecution(CudaGraphExecution):
     name = "compile"
 
     def __init__(self, model, target: Target, fuse: bool = True, bucket: int = 256, prefill_graphs: int = 8,
-                 prefill_bucket: int = 64) -> None:
+                 prefill_bucket: int = 64, gemv: bool = True) -> None:
         import torch._dynamo
 
         # Where an option's code breaks the traced graph inside a layer, each layer's frame is
@@ -33,6 +60,10 @@ class CompiledExecution(CudaGraphExecution):
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * layers + 8)
         super().__init__(model, target, fuse, bucket, compile_step=True, prefill_graphs=prefill_graphs,
                          prefill_bucket=prefill_bucket)
+        self.gemv_layers = use_gemv(model) if gemv else 0  # after fusing: the fused projections are swapped
+
+    def describe(self) -> dict:
+        return {**super().describe(), "gemv_layers": self.gemv_layers}
 
 
 OPTION = Optimization(
@@ -41,13 +72,14 @@ OPTION = Optimization(
     exact=True,
     summary=(
         "Decode step compiled by torch.compile (Inductor/Triton fuses each layer's elementwise work) and "
-        "replayed as a CUDA graph, with fused projections and cuda_graph's captured prefill; needs Triton, so sm_70+."
+        "replayed as a CUDA graph, with fused projections, one-row products through our Triton GEMV "
+        "(gemv=False: cuBLAS's) and cuda_graph's captured prefill; needs Triton, so sm_70+."
     ),
-    build=lambda model, target, fuse=True, bucket=256, prefill_graphs=8, prefill_bucket=64: CompiledExecution(
-        model, target, fuse, bucket, prefill_graphs, prefill_bucket),
+    build=lambda model, target, fuse=True, bucket=256, prefill_graphs=8, prefill_bucket=64, gemv=True: (
+        CompiledExecution(model, target, fuse, bucket, prefill_graphs, prefill_bucket, gemv)),
     requires=Requirements(devices=("cuda",), min_compute_capability=(7, 0)),
     probe=_triton_reason,
     needs=NEEDS,
     fallback="cuda_graph",
-    defaults={"fuse": True, "bucket": 256, "prefill_graphs": 8, "prefill_bucket": 64},
+    defaults={"fuse": True, "bucket": 256, "prefill_graphs": 8, "prefill_bucket": 64, "gemv": True},
 )

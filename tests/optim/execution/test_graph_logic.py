@@ -137,3 +137,27 @@ def test_decode_steps_take_the_grouped_attention_over_per_layer_buffers(tiny_che
     assert model.attention.name == attention  # the plan's option is back after the step
     cache = model.execution.cache
     assert len({t.data_ptr() for t in cache.keys + cache.values}) == 2 * layers
+
+
+def test_compile_sends_every_one_row_text_product_to_the_gemv(tiny_checkpoint, ours_tiny, monkeypatch):
+    """``compile``'s ``gemv`` swap: each decode step's fused q/k/v, o, gate/up, down products and the output
+    matrix go through the Triton GEMV (here a recording stand-in, since the kernel needs Triton), the
+    prefill's many-row products stay ``F.linear``; the tokens are the reference's."""
+    from qwen3_vl.optim.execution import compile as compile_option
+
+    rows = []
+
+    def recording_gemv(x, weight):
+        rows.append(x.numel() // weight.shape[1])
+        return torch.nn.functional.linear(x, weight)
+
+    monkeypatch.setattr(compile_option, "gemv", recording_gemv)
+    model = graph_model(tiny_checkpoint, bucket=16)
+    layers = ours_tiny.config.text.num_hidden_layers
+    assert compile_option.use_gemv(model) == 4 * layers + 1
+    assert type(model.lm_head) is compile_option.GemvLinear
+    assert type(model.visual.blocks[0].mlp.linear_fc1) is not compile_option.GemvLinear  # text only
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    kw = dict(max_new_tokens=6, eos_token_id=[])
+    assert torch.equal(model.generate(ids, **kw), ours_tiny.generate(ids, **kw))
+    assert rows == [1] * (1 + 5 * (4 * layers + 1))  # prefill: the output matrix only; 5 decode steps
