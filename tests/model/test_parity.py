@@ -175,10 +175,18 @@ def test_random_architectures_match_transformers(config, grids, seed, tmp_path_f
     hf = transformers.Qwen3VLForConditionalGeneration.from_pretrained(
         path, dtype=torch.float32, attn_implementation="eager").eval()
     ids, pixels, grid = image_prompt(config, grids, seed=seed)
+    kw = dict(input_ids=ids, image_grid_thw=grid, mm_token_type_ids=(ids == config.image_token_id).long())
     with torch.no_grad():
-        ref = hf(input_ids=ids, pixel_values=pixels, image_grid_thw=grid,
-                 mm_token_type_ids=(ids == config.image_token_id).long()).logits
-    assert relative_error(ours(ids, pixel_values=pixels, image_grid_thw=grid), ref) <= TOL
+        ref = hf(pixel_values=pixels, **kw).logits
+        out = ours(ids, pixel_values=pixels, image_grid_thw=grid)
+        if relative_error(out, ref) <= TOL:
+            return
+        # Two fp32 programs can each be ~1e-5 from the exact result and so 1.4e-5 from each other (seen on a
+        # 16-wide, 3-layer draw: ours 8.9e-6 and transformers' 7.1e-6 from float64). Then the judge is
+        # transformers in float64: ours must be no further from it than TOL or twice transformers' own fp32
+        # error, whichever is larger (a wrong formula is off by orders of magnitude more).
+        exact = hf.double()(pixel_values=pixels.double(), **kw).logits
+    assert relative_error(out, exact) <= max(TOL, 2 * relative_error(ref, exact))
 
 
 def test_saved_config_is_the_released_layout(tiny_checkpoint):
