@@ -50,7 +50,7 @@ class CompiledExecution(CudaGraphExecution):
     name = "compile"
 
     def __init__(self, model, target: Target, fuse: bool = True, bucket: int = 256, prefill_graphs: int = 8,
-                 prefill_bucket: int = 64, gemv: bool = True) -> None:
+                 prefill_bucket: int = 64, gemv: bool = True, host_choice: bool = False) -> None:
         import torch._dynamo
 
         # Where an option's code breaks the traced graph inside a layer, each layer's frame is
@@ -59,7 +59,7 @@ class CompiledExecution(CudaGraphExecution):
         layers = model.config.text.num_hidden_layers
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * layers + 8)
         super().__init__(model, target, fuse, bucket, compile_step=True, prefill_graphs=prefill_graphs,
-                         prefill_bucket=prefill_bucket)
+                         prefill_bucket=prefill_bucket, host_choice=host_choice)
         self.gemv_layers = use_gemv(model) if gemv else 0  # after fusing: the fused projections are swapped
 
     def describe(self) -> dict:
@@ -73,13 +73,13 @@ OPTION = Optimization(
     summary=(
         "Decode step compiled by torch.compile (Inductor/Triton fuses each layer's elementwise work) and "
         "replayed as a CUDA graph, with fused projections, one-row products through our Triton GEMV "
-        "(gemv=False: cuBLAS's) and cuda_graph's captured prefill; needs Triton, so sm_70+."
+        "(gemv=false: cuBLAS's) and cuda_graph's captured prefill; needs Triton, so sm_70+."
     ),
-    build=lambda model, target, fuse=True, bucket=256, prefill_graphs=8, prefill_bucket=64, gemv=True: (
-        CompiledExecution(model, target, fuse, bucket, prefill_graphs, prefill_bucket, gemv)),
+    build=lambda model, target, **params: CompiledExecution(model, target, **params),
     requires=Requirements(devices=("cuda",), min_compute_capability=(7, 0)),
     probe=_triton_reason,
     needs=NEEDS,
     fallback="cuda_graph",
-    defaults={"fuse": True, "bucket": 256, "prefill_graphs": 8, "prefill_bucket": 64, "gemv": True},
+    defaults={"fuse": True, "bucket": 256, "prefill_graphs": 8, "prefill_bucket": 64, "gemv": True,
+              "host_choice": False},
 )

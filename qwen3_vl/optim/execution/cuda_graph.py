@@ -237,7 +237,7 @@ class CudaGraphExecution:
 
     def __init__(self, model, target: Target, fuse: bool = True, bucket: int = 256, check_every: int = 8,
                  compile_step: bool = False, capture: bool = True, prefill_graphs: int = 8,
-                 prefill_bucket: int = 64) -> None:
+                 prefill_bucket: int = 64, host_choice: bool = False) -> None:
         if capture and (not torch.cuda.is_available() or target.device_type != "cuda"):
             raise RuntimeError("CUDA-graph execution needs a CUDA device")
         self.capture = capture
@@ -248,6 +248,7 @@ class CudaGraphExecution:
                 module.__class__ = FusedRMSNorm
                 self.fused_norms += 1
         self.bucket, self.check_every, self.compile_step = bucket, check_every, compile_step
+        self.host_choice = host_choice  # the host chooses every token, greedy too (to measure the difference)
         self.device = torch.device(target.device)
         self.cache: GraphStaticCache | None = None
         self.captured: CapturedStep | None = None
@@ -292,7 +293,7 @@ class CudaGraphExecution:
         for index in range(request.max_new_tokens):
             # The host chooses the first token (from the prefill's logits), sampled ones and those with end
             # tokens banned; otherwise the previous replay's greedy choice is committed by the next one.
-            host = index == 0 or request.do_sample or bool(request.banned(index))
+            host = self.host_choice or index == 0 or request.do_sample or bool(request.banned(index))
             if host:
                 step.token.copy_(request.choose(logits, index, step.finished))
             if host != host_mode:

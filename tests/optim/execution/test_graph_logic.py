@@ -71,13 +71,18 @@ def test_prefill_masks_only_padded_prompts_and_norms_fuse(tiny_checkpoint, ours_
     assert relative_error(model(ids), ours_tiny(ids)) <= 1e-5
 
 
-def test_end_tokens_stop_like_the_reference(tiny_checkpoint, ours_tiny):
+@pytest.mark.parametrize("host_choice", [False, True])
+def test_end_tokens_stop_like_the_reference(tiny_checkpoint, ours_tiny, host_choice):
+    """Greedy tokens chosen inside the step (or by the host for every token: ``host_choice``), end tokens
+    banned before ``min_new_tokens`` (the host chooses those steps), more than one end token."""
     ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
     free = ours_tiny.generate(ids, max_new_tokens=12, eos_token_id=[])
     eos = int(free[0, 3 + 4])
-    model = graph_model(tiny_checkpoint, check_every=8)
-    for kw in (dict(eos_token_id=eos), dict(eos_token_id=eos, min_new_tokens=6), dict(eos_token_id=[eos, 1])):
-        ours, ref = model.generate(ids, max_new_tokens=12, **kw), ours_tiny.generate(ids, max_new_tokens=12, **kw)
+    model = graph_model(tiny_checkpoint, check_every=8, host_choice=host_choice)
+    for kw in (dict(eos_token_id=eos), dict(eos_token_id=eos, min_new_tokens=6), dict(eos_token_id=[eos, 1]),
+               dict(eos_token_id=eos, max_new_tokens=1)):
+        kw = {"max_new_tokens": 12, **kw}
+        ours, ref = model.generate(ids, **kw), ours_tiny.generate(ids, **kw)
         assert torch.equal(ours, ref), kw
 
 
