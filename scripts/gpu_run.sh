@@ -19,6 +19,8 @@ stage() {  # stage NAME TIMEOUT COMMAND...
   local rc=${PIPESTATUS[0]}
   echo "=== $name rc=$rc" | tee -a "$LOG"
   [ "$rc" = 0 ] || status=1
+  # packed after every stage: a call cut off by the device tool's time limit still returns what was stored
+  tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null
 }
 for s in "$@"; do
   case $s in
@@ -35,15 +37,15 @@ for s in "$@"; do
                --plan attention=sdpa,kv_cache=static,execution=cuda_graph \
                --plan attention=eager,kv_cache=static,execution=compile \
                --plan attention=sdpa,kv_cache=static,execution=compile ;;
-    ttft2b) stage ttft2b 330 python -m harness.bench --preset 2b --device cuda --dtype bf16 --compare transformers \
+    ttft2b) stage ttft2b 420 python -m harness.bench --preset 2b --device cuda --dtype bf16 --compare transformers \
               --rounds 3 --results-dir "$RES" \
               --plan attention=sdpa,kv_cache=static,execution=cuda_graph \
               --plan "attention=sdpa,kv_cache=static,execution=compile[gemv=false]" \
+              --plan "attention=sdpa,kv_cache=static,execution=compile[host_choice=true]" \
               --plan attention=sdpa,kv_cache=static,execution=compile ;;
     bench8b) stage bench8b 330 python -m harness.bench --preset 8b --device cuda --dtype bf16 --compare transformers \
                --transformers-paths static --rounds 2 --new-tokens 64 --results-dir "$RES" --plan attention=sdpa \
                --plan attention=sdpa,kv_cache=static,execution=cuda_graph \
-               --plan "attention=sdpa,kv_cache=static,execution=compile[gemv=false]" \
                --plan attention=sdpa,kv_cache=static,execution=compile ;;
     attention) stage attention 170 python -m harness.bench_attention --preset 2b --device cuda --dtype bf16 \
                  --results-dir "$RES" ;;
@@ -63,5 +65,4 @@ for s in "$@"; do
     *) echo "unknown stage $s"; status=2 ;;
   esac
 done
-tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null
 exit $status

@@ -72,8 +72,9 @@ OPTION = Optimization(
     exact=True,
     summary=(
         "Decode step compiled by torch.compile (Inductor/Triton fuses each layer's elementwise work) and "
-        "replayed as a CUDA graph, with fused projections, one-row products through our Triton GEMV "
-        "(gemv=false: cuBLAS's) and cuda_graph's captured prefill; needs Triton, so sm_70+."
+        "replayed as a CUDA graph, with fused projections, one-row products of matrices with a side under 4096 "
+        "(2b-class) through our Triton GEMV (gemv=false: cuBLAS's), greedy tokens chosen inside the graph "
+        "(host_choice=true: by the host) and cuda_graph's captured prefill; needs Triton, so sm_70+."
     ),
     build=lambda model, target, **params: CompiledExecution(model, target, **params),
     requires=Requirements(devices=("cuda",), min_compute_capability=(7, 0)),
