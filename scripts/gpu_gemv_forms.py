@@ -1,8 +1,7 @@
 """One-row matrix products of a preset's text weights on a GPU in the forms PyTorch offers, each form over
 every weight of a shape in one captured graph (so each weight is read from memory, not L2), interleaved:
 which form reaches the bandwidth for which shape. Our Triton GEMV (``qwen3_vl/kernels/triton_gemv.py``) is
-swept over its tile configurations beside them (its split-K partial sums timed alone: in the compiled step
-that sum is fused into the next kernel; the best split configuration is also timed with its sum).
+swept over its tiles beside them (the three fastest shown), which is what ``tile()``'s rule comes from.
 
     python scripts/gpu_gemv_forms.py [--preset 2b,8b] [--dtype bf16]
 """
@@ -19,7 +18,7 @@ import qwen3_vl
 from harness.bench import copy_bandwidth
 from harness.timing import capture_graph, graph_replay_ms
 from qwen3_vl.config import preset
-from qwen3_vl.kernels.triton_gemv import GemvConfig, gemv, gemv_partials
+from qwen3_vl.kernels.triton_gemv import gemv_tiled
 from qwen3_vl.model.layers import Linear
 from qwen3_vl.optim.execution.fusion import fuse_projections
 
@@ -29,19 +28,12 @@ FORMS = {
     "w @ x.T": lambda x, w: (w @ x.T).T,
 }
 TILES = [(1, 2048, 8), (2, 1024, 4), (4, 512, 4), (4, 1024, 8), (8, 256, 4), (8, 512, 4), (8, 512, 8),
-         (16, 256, 4), (16, 512, 8), (32, 256, 8)]
-SPLITS = (1, 2, 4, 8)
+         (16, 256, 4), (16, 512, 8), (32, 256, 8)]  # (rows per program, tile columns, warps)
 
 
 def triton_forms(shape: tuple[int, int]) -> dict:
-    forms = {}
-    for block_n, block_k, warps in TILES:
-        for split in SPLITS:
-            config = GemvConfig(block_n, block_k, split, warps)
-            if config.fits(*shape):
-                forms[f"triton {block_n}x{block_k}/{split} w{warps}"] = (
-                    lambda x, w, c=config: gemv_partials(x, w, c), config)
-    return forms
+    return {f"triton {n}x{k} w{warps}": lambda x, w, t=(n, k, warps): gemv_tiled(x, w, *t)
+            for n, k, warps in TILES if shape[1] % k == 0 and shape[0] >= n}
 
 
 def main() -> None:
@@ -69,19 +61,12 @@ def measure(preset_name: str, dtype: str) -> None:
             ref = F.linear(x, weights[0]).float()
             nbytes = sum(w.numel() * w.element_size() for w in weights)
             tiled = triton_forms(shape)
-            forms = {**FORMS, **{name: form for name, (form, _) in tiled.items()}}
+            forms = {**FORMS, **tiled}
             times = time_forms(forms, x, weights)
-            best = sorted(tiled, key=lambda name: times[name])
-            split = next((name for name in best if tiled[name][1].split_k > 1), None)
-            if split is not None:  # the best split configuration again, with its partial sums added
-                config = tiled[split][1]
-                forms[split + " +sum"] = lambda x, w, c=config: gemv(x, w, c)
-                times.update(time_forms({split + " +sum": forms[split + " +sum"]}, x, weights))
-            shown = [*FORMS, *best[:3], *([split + " +sum"] if split else [])]
+            shown = [*FORMS, *sorted(tiled, key=lambda name: times[name])[:3]]
             print(f"{shape!s:16s} x{len(weights):3d}")
             for name in shown:
                 y = forms[name](x, weights[0]).float()
-                y = y.sum(0, keepdim=True) if y.shape[0] > 1 else y
                 err = float((y - ref).abs().max() / ref.abs().max())
                 ms = times[name]
                 per_weight = ms / len(weights) * 1e3
@@ -98,6 +83,7 @@ def time_forms(forms: dict, x: torch.Tensor, weights: list[torch.Tensor]) -> dic
             graph = capture_graph(lambda form=form: [form(x, w) for w in weights])
             samples[name].append(graph_replay_ms(graph, 50))
     return {name: sorted(values)[1] for name, values in samples.items()}
+
 
 if __name__ == "__main__":
     main()

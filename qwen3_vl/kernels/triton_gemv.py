@@ -5,8 +5,8 @@ over the memory bandwidth. On an H200 cuBLAS's one-row kernels read the 2b matri
 the 8b ones at 2.6-4.1 of the 4.25 TB/s a copy reaches; this kernel, each program reading one or two
 whole rows in 2048-element tiles, 2.1-3.7 and 3.5-4.3 TB/s (``scripts/gpu_gemv_forms.py``, 2026-12-04:
 2b 2048x2048 6.0 -> 4.0 us, 8b 4096x4096 13.0 -> 9.7 us, 8b output matrix 297 -> 274 us).
-Splitting the reduction over K across programs was measured too and lost: the partial sums' extra
-kernel costs more than the extra parallelism gains.
+Splitting the reduction over K across programs was measured too (the script's first version) and lost:
+the partial sums' extra kernel costs more than the extra parallelism gains.
 
 Products and the sum are fp32 whatever the weight's dtype (as cuBLAS accumulates) and the result is
 rounded once to the input's dtype: the same numbers up to float reassociation.
@@ -66,16 +66,26 @@ def _kernel():
     return gemv_kernel
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, int, int]:
-    n, k = weight.shape
+def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
+    k = weight.shape[1]
     if x.numel() != k or weight.stride(1) != 1 or not x.is_contiguous() or weight.dtype != x.dtype:
         raise ValueError(f"gemv needs one contiguous row of {k} in the weight's dtype and a row-major weight; got "
                          f"x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype} "
                          f"strides {weight.stride()}")
-    config = tile(n, k)
-    if config is None:
-        raise ValueError(f"gemv needs K to be a multiple of 16; got a {n}x{k} weight")
-    return config
+
+
+def gemv_tiled(x: torch.Tensor, weight: torch.Tensor, block_n: int, block_k: int, warps: int) -> torch.Tensor:
+    """``gemv`` with a tile of the caller's choice (``block_k`` must divide K): what ``tile()`` picks from,
+    and what ``scripts/gpu_gemv_forms.py`` sweeps."""
+    _check(x, weight)
+    n, k = weight.shape
+    if k % block_k:
+        raise ValueError(f"a tile of {block_k} columns does not divide K = {k}")
+    out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
+    grid = ((n + block_n - 1) // block_n,)
+    wrap_triton(_kernel())[grid](x, weight, out, n, k, weight.stride(0), BLOCK_N=block_n, BLOCK_K=block_k,
+                                 num_warps=warps)
+    return out
 
 
 if unavailable_reason() is None:  # registered only with Triton (torch looks for the op's kernels at registration)
@@ -83,14 +93,12 @@ if unavailable_reason() is None:  # registered only with Triton (torch looks for
     @triton_op("qwen3_vl::gemv", mutates_args={})
     def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """``x @ weight.T`` for one row: ``x`` [..., K] holding one row in all, ``weight`` [N, K] row-major in
-        ``x``'s dtype; the result is shaped like ``F.linear``'s."""
-        block_n, block_k, warps = _check(x, weight)
-        n, k = weight.shape
-        out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
-        grid = ((n + block_n - 1) // block_n,)
-        wrap_triton(_kernel())[grid](x, weight, out, n, k, weight.stride(0), BLOCK_N=block_n, BLOCK_K=block_k,
-                                     num_warps=warps)
-        return out
+        ``x``'s dtype, tiled by ``tile()``; the result is shaped like ``F.linear``'s."""
+        config = tile(*weight.shape)
+        if config is None:
+            raise ValueError(f"gemv is not used for a {weight.shape[0]}x{weight.shape[1]} weight: it needs K to be a "
+                             "multiple of 16 and a side under 4096 (see tile())")
+        return gemv_tiled(x, weight, *config)
 
 else:
 
