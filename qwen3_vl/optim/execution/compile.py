@@ -10,20 +10,17 @@ unavailable and falls back to ``cuda_graph`` with that reason recorded.
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
-from qwen3_vl.kernels.triton_gemv import gemv, tile
+from qwen3_vl.kernels.triton_gemv import gemv, tile, unavailable_reason
 from qwen3_vl.model.layers import Linear
 from qwen3_vl.optim.execution.cuda_graph import NEEDS, CudaGraphExecution
 from qwen3_vl.optim.plan import Optimization, Requirements, Target
 
 
 def _triton_reason(target: Target) -> str | None:
-    if importlib.util.find_spec("triton") is None:
-        return "Triton is not installed (torch.compile's GPU backend needs it)"
-    return None
+    reason = unavailable_reason()
+    return None if reason is None else f"{reason} (torch.compile's GPU backend needs it)"
 
 
 class GemvLinear(Linear):

@@ -151,11 +151,7 @@ class CapturedStep:
         self.cache, self.model = cache, model
 
         def step():
-            token = torch.where(self.finished, self.pad, torch.where(self.host_choice, self.token, self.greedy))
-            self.out.index_copy_(1, self.index, token[:, None])
-            self.index.add_(1)
-            # not torch.isin: for one token against the slots it sorts, which a capture does not allow
-            self.finished.logical_or_((token[:, None] == self.eos).any(dim=-1))
+            token = self.commit()
             embeds = model.language_model.embed_tokens(token[:, None]).to(model.compute_dtype)
             logits = model.step(embeds, self.position.expand(3, batch, 1), None, cache)
             self.position.add_(1)
@@ -184,10 +180,15 @@ class CapturedStep:
         self.finished.zero_()
         self.index.zero_()
 
-    def commit_last(self) -> None:
-        """Commit the last token without running the model on it (what a replay's first half does)."""
-        token = torch.where(self.host_choice, self.token, self.greedy)
-        self.out.index_copy_(1, self.index, torch.where(self.finished, self.pad, token)[:, None])
+    def commit(self) -> torch.Tensor:
+        """The token of the current index (host's or greedy, pad where finished) written to ``out``, its rows'
+        end marked; a replay's first half, and run alone for the last token (no model step on it)."""
+        token = torch.where(self.finished, self.pad, torch.where(self.host_choice, self.token, self.greedy))
+        self.out.index_copy_(1, self.index, token[:, None])
+        self.index.add_(1)
+        # not torch.isin: for one token against the slots it sorts, which a capture does not allow
+        self.finished.logical_or_((token[:, None] == self.eos).any(dim=-1))
+        return token
 
     def state(self) -> tuple[torch.Tensor, ...]:
         """What running the step advances (cache position and validity, the step's position, its commit
@@ -299,15 +300,15 @@ class CudaGraphExecution:
             if host != host_mode:
                 step.host_choice.fill_(host)
                 host_mode = host
-            if index == request.max_new_tokens - 1:
-                step.commit_last()
-                produced = index + 1
-                self._stream(request, step, index)
-                break
-            logits = step.run()
+            last = index == request.max_new_tokens - 1
+            if last:
+                step.commit()
+            else:
+                logits = step.run()
             produced = index + 1
-            self._stream(request, step, index)
-            if request.eos and produced % self.check_every == 0 and bool(step.finished.all()):
+            if request.streamer is not None:
+                request.streamer.put(step.out[:, index].cpu())
+            if last or (request.eos and produced % self.check_every == 0 and bool(step.finished.all())):
                 break
         cache.seen_tokens = int(cache.position)  # one sync at the end: host bookkeeping catches up
         cache.graph_mode = False
@@ -318,11 +319,6 @@ class CudaGraphExecution:
             last = int(ended.nonzero()[0]) + 1 if bool(ended.any()) else produced
             tokens = tokens[:, :last]
         return tokens
-
-    @staticmethod
-    def _stream(request: DecodeRequest, step: CapturedStep, index: int) -> None:
-        if request.streamer is not None:
-            request.streamer.put(step.out[:, index].cpu())
 
     def describe(self) -> dict:
         return {"option": self.name, "fused_layers": self.fused_layers, "fused_norms": self.fused_norms,
