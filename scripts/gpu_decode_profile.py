@@ -2,7 +2,8 @@
 device time, against the floor (text weights over the measured copy bandwidth) and against the same
 step's matrix products alone, for Inductor settings compiled side by side in one process.
 
-    python scripts/gpu_decode_profile.py [--preset 2b] [--dtype bf16] [--variants default[,cdt,autotune]]
+    python scripts/gpu_decode_profile.py [--preset 2b] [--dtype bf16] [--plan PLAN ...]
+        [--variants default[,cdt,autotune]]
 
 Variants (Inductor settings while the step compiles): ``default``; ``cdt`` (coordinate-descent tuning of
 each Triton kernel's launch settings, gpt-fast's setting); ``autotune`` (``max_autotune_gemm``: Triton matmul
@@ -143,7 +144,8 @@ def main() -> None:
     variants = [(plan, name) for plan in args.plan for name in args.variants.split(",")]
     for plan, variant in variants:
         settings = VARIANTS[variant]
-        name = variant if len(args.plan) == 1 else f"{plan.rsplit('=', 1)[-1]}/{variant}"
+        # the execution option with its parameters names a plan's variant ("compile[fold=true]/default")
+        name = variant if len(args.plan) == 1 else f"{plan.rpartition('execution=')[2]}/{variant}"
         torch._dynamo.utils.counters.clear()
         start = time.perf_counter()
         try:

@@ -31,6 +31,7 @@ PLANS = (
     "attention=sdpa,kv_cache=static,execution=cuda_graph",
     "attention=sdpa,kv_cache=static,execution=compile[gemv=false]",
     "attention=sdpa,kv_cache=static,execution=compile",
+    "attention=sdpa,kv_cache=static,execution=compile[fold=true]",
 )
 
 

@@ -39,9 +39,9 @@ for s in "$@"; do
                --plan attention=sdpa,kv_cache=static,execution=compile ;;
     ttft2b) stage ttft2b 420 python -m harness.bench --preset 2b --device cuda --dtype bf16 --compare transformers \
               --rounds 3 --results-dir "$RES" \
-              --plan attention=sdpa,kv_cache=static,execution=cuda_graph \
               --plan "attention=sdpa,kv_cache=static,execution=compile[gemv=false]" \
               --plan "attention=sdpa,kv_cache=static,execution=compile[host_choice=true]" \
+              --plan "attention=sdpa,kv_cache=static,execution=compile[fold=true]" \
               --plan attention=sdpa,kv_cache=static,execution=compile ;;
     bench8b) stage bench8b 330 python -m harness.bench --preset 8b --device cuda --dtype bf16 --compare transformers \
                --transformers-paths static --rounds 2 --new-tokens 64 --results-dir "$RES" --plan attention=sdpa \
@@ -59,7 +59,9 @@ for s in "$@"; do
     attention-pascal) stage attention-pascal 150 python -m harness.bench_attention --preset 2b --device cuda \
                         --dtype fp16 --emulate sm61-laptop --results-dir "$RES" ;;
     prefill-profile) stage prefill-profile 300 python scripts/gpu_prefill_profile.py ;;
-    decode-profile) stage decode-profile 540 python scripts/gpu_decode_profile.py ;;
+    decode-profile) stage decode-profile 540 python scripts/gpu_decode_profile.py \
+                      --plan attention=sdpa,kv_cache=static,execution=compile \
+                      --plan "attention=sdpa,kv_cache=static,execution=compile[fold=true]" ;;
     vision) stage vision 300 python -m pytest -q tests/optim/vision/test_devices.py ;;
     harness) stage harness 540 python -m harness.gpu_check --results-dir "$RES" ;;
     *) echo "unknown stage $s"; status=2 ;;

@@ -9,7 +9,10 @@ Splitting the reduction over K across programs was measured too (the script's fi
 the partial sums' extra kernel costs more than the extra parallelism gains.
 
 Products and the sum are fp32 whatever the weight's dtype (as cuBLAS accumulates) and the result is
-rounded once to the input's dtype: the same numbers up to float reassociation.
+rounded once to the input's dtype: the same numbers up to float reassociation. A decoder layer's small
+kernels can ride along (``compile[fold=true]``): an RMSNorm of the row before the product (each program
+recomputes the row's sum of squares), SiLU-and-gate of a [gate | up] row before it, a residual added after,
+each rounded where the eager layer rounds (``reference`` spells the contract out in PyTorch ops).
 
 ``gemv`` is a ``torch.library.triton_op``, so torch.compile sees into it and CUDA graphs capture it.
 Needs Triton (a CUDA GPU of compute capability 7.0+); with ``TRITON_INTERPRET=1`` set before the first
@@ -22,6 +25,7 @@ import functools
 import importlib.util
 
 import torch
+import torch.nn.functional as F
 from torch.library import triton_op, wrap_triton
 
 
@@ -52,55 +56,106 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def gemv_kernel(x_ptr, w_ptr, out_ptr, n, k, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def gemv_kernel(x_ptr, w_ptr, out_ptr, norm_ptr, res_ptr, n, k, stride_w, eps, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr):
+        # The folded prologues and epilogue round where the eager layer rounds (to the input's dtype after the
+        # normalisation, after the norm weight, after SiLU, after the gate product, before the residual add):
+        # the same numbers as the unfolded ops up to float reassociation.
+        dtype = x_ptr.dtype.element_ty
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < n
+        if NORM:  # every program recomputes the row's statistics: K values, read from L2
+            squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            for start in range(0, k, BLOCK_K):
+                x = tl.load(x_ptr + start + tl.arange(0, BLOCK_K)).to(tl.float32)
+                squares += x * x
+            rstd = tl.rsqrt(tl.sum(squares, axis=0) / k + eps)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for start in range(0, k, BLOCK_K):
             cols = start + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + cols).to(tl.float32)
+            if GATED:  # x holds [gate | up]: silu(gate) * up
+                up = tl.load(x_ptr + k + cols).to(tl.float32)
+                x = (x / (1.0 + tl.exp(-x))).to(dtype).to(tl.float32)
+                x = (x * up).to(dtype).to(tl.float32)
+            if NORM:
+                x = (x * rstd).to(dtype).to(tl.float32)
+                x = (tl.load(norm_ptr + cols).to(dtype).to(tl.float32) * x).to(dtype).to(tl.float32)
             w = tl.load(w_ptr + rows[:, None] * stride_w + cols[None, :], mask=row_ok[:, None], other=0.0)
             acc += w.to(tl.float32) * x[None, :]
-        tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=row_ok)
+        y = tl.sum(acc, axis=1)
+        if RESIDUAL:
+            y = y.to(dtype).to(tl.float32) + tl.load(res_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
 
     return gemv_kernel
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
-    k = weight.shape[1]
-    if x.numel() != k or weight.stride(1) != 1 or not x.is_contiguous() or weight.dtype != x.dtype:
-        raise ValueError(f"gemv needs one contiguous row of {k} in the weight's dtype and a row-major weight; got "
-                         f"x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype} "
-                         f"strides {weight.stride()}")
+def _check(x: torch.Tensor, weight: torch.Tensor, norm: torch.Tensor | None, gated: bool,
+           residual: torch.Tensor | None) -> None:
+    n, k = weight.shape
+    width = 2 * k if gated else k
+    if x.numel() != width or weight.stride(1) != 1 or not x.is_contiguous() or weight.dtype != x.dtype:
+        raise ValueError(f"gemv needs one contiguous row of {width}{' ([gate | up])' if gated else ''} in the "
+                         f"weight's dtype and a row-major weight; got x {tuple(x.shape)} {x.dtype}, weight "
+                         f"{tuple(weight.shape)} {weight.dtype} strides {weight.stride()}")
+    if norm is not None and norm.shape != (k,):
+        raise ValueError(f"gemv's folded RMSNorm needs a weight of {k}; got {tuple(norm.shape)}")
+    if residual is not None and (residual.numel() != n or residual.dtype != x.dtype or not residual.is_contiguous()):
+        raise ValueError(f"gemv's folded residual needs one contiguous row of {n} in {x.dtype}; got "
+                         f"{tuple(residual.shape)} {residual.dtype}")
 
 
-def gemv_tiled(x: torch.Tensor, weight: torch.Tensor, block_n: int, block_k: int, warps: int) -> torch.Tensor:
+def gemv_tiled(x: torch.Tensor, weight: torch.Tensor, block_n: int, block_k: int, warps: int,
+               norm: torch.Tensor | None = None, eps: float = 0.0, gated: bool = False,
+               residual: torch.Tensor | None = None) -> torch.Tensor:
     """``gemv`` with a tile of the caller's choice (``block_k`` must divide K): what ``tile()`` picks from,
     and what ``scripts/gpu_gemv_forms.py`` sweeps."""
-    _check(x, weight)
+    _check(x, weight, norm, gated, residual)
     n, k = weight.shape
     if k % block_k:
         raise ValueError(f"a tile of {block_k} columns does not divide K = {k}")
     out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
     grid = ((n + block_n - 1) // block_n,)
-    wrap_triton(_kernel())[grid](x, weight, out, n, k, weight.stride(0), BLOCK_N=block_n, BLOCK_K=block_k,
-                                 num_warps=warps)
+    # Pointers the flags leave unread still need a tensor: x stands in.
+    wrap_triton(_kernel())[grid](x, weight, out, x if norm is None else norm, x if residual is None else residual,
+                                 n, k, weight.stride(0), eps, BLOCK_N=block_n, BLOCK_K=block_k, NORM=norm is not None,
+                                 GATED=gated, RESIDUAL=residual is not None, num_warps=warps)
     return out
+
+
+def reference(x: torch.Tensor, weight: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0,
+              gated: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """What ``gemv`` computes, in the eager layer's PyTorch ops (its contract, and its tests' oracle):
+    ``residual + linear(rmsnorm(x) or silu(gate) * up, weight)``."""
+    if gated:
+        gate, up = x.chunk(2, dim=-1)
+        x = F.silu(gate) * up
+    if norm is not None:
+        x32 = x.float()
+        x = norm.to(x.dtype) * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    y = F.linear(x, weight)
+    return y if residual is None else residual.view_as(y) + y
 
 
 if unavailable_reason() is None:  # registered only with Triton (torch looks for the op's kernels at registration)
 
     @triton_op("qwen3_vl::gemv", mutates_args={})
-    def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def gemv(x: torch.Tensor, weight: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0,
+             gated: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ weight.T`` for one row: ``x`` [..., K] holding one row in all, ``weight`` [N, K] row-major in
-        ``x``'s dtype, tiled by ``tile()``; the result is shaped like ``F.linear``'s."""
+        ``x``'s dtype, tiled by ``tile()``; the result is shaped like ``F.linear``'s. Optionally folded in
+        (``reference`` spells it out): an RMSNorm of ``x`` with weight ``norm`` [K] before the product;
+        ``gated``: ``x`` is [..., 2K] holding [gate | up] and the product's input is ``silu(gate) * up``;
+        ``residual`` [..., N] added to the result."""
         config = tile(*weight.shape)
         if config is None:
             raise ValueError(f"gemv is not used for a {weight.shape[0]}x{weight.shape[1]} weight: it needs K to be a "
                              "multiple of 16 and a side under 4096 (see tile())")
-        return gemv_tiled(x, weight, *config)
+        return gemv_tiled(x, weight, *config, norm=norm, eps=eps, gated=gated, residual=residual)
 
 else:
 
-    def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def gemv(x: torch.Tensor, weight: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0,
+             gated: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
         raise RuntimeError(f"the Triton GEMV cannot run: {unavailable_reason()}")

@@ -59,8 +59,11 @@ class TextAttention(nn.Module):
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x, cos, sin, mask: AttentionMask, cache, attention) -> torch.Tensor:
-        b, n, _ = x.shape
-        q, k, v = self.project(x)
+        return self.o_proj(self.attend(*self.project(x), cos, sin, mask, cache, attention))
+
+    def attend(self, q, k, v, cos, sin, mask: AttentionMask, cache, attention) -> torch.Tensor:
+        """From the projections [b, n, heads * d] to the attention output [b, n, heads * d], before ``o_proj``."""
+        b, n, _ = q.shape
         q = self.q_norm(q.view(b, n, -1, self.head_dim)).transpose(1, 2)
         k = self.k_norm(k.view(b, n, -1, self.head_dim)).transpose(1, 2)
         v = v.view(b, n, -1, self.head_dim).transpose(1, 2)
@@ -71,7 +74,7 @@ class TextAttention(nn.Module):
             if getattr(cache, "observes_queries", False):  # eviction scores (H2O) need the queries
                 cache.observe(self.layer_idx, q, mask)
         out = attention.text(q, k, v, mask, self.head_dim**-0.5)
-        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+        return out.transpose(1, 2).reshape(b, n, -1)
 
 
 class TextMLP(nn.Module):

@@ -2,7 +2,9 @@
 elementwise work of each layer) and then captured and replayed like ``cuda_graph``. With ``gemv=True``
 the text decoder's one-row products (every projection and the output matrix in a decode step) are our
 Triton GEMV (``qwen3_vl/kernels/triton_gemv.py``) instead of cuBLAS's; any product of more rows (the
-prefill) stays cuBLAS's.
+prefill) stays cuBLAS's. With ``fold=True`` each layer's one-row call is ``GemvDecoderLayer``'s: its RMSNorms,
+residual adds and SiLU gate ride in the GEMVs' prologues and epilogue, which removes about three of Inductor's
+small kernels a layer (off by default until measured on a GPU against ``fold=false`` in one process).
 
 Triton refuses GPUs below compute capability 7.0, so on a Pascal (sm_61) GPU this option is
 unavailable and falls back to ``cuda_graph`` with that reason recorded.
@@ -14,7 +16,9 @@ import torch
 
 from qwen3_vl.kernels.triton_gemv import gemv, tile, unavailable_reason
 from qwen3_vl.model.layers import Linear
+from qwen3_vl.model.text import DecoderLayer
 from qwen3_vl.optim.execution.cuda_graph import NEEDS, CudaGraphExecution
+from qwen3_vl.optim.execution.fusion import FusedTextAttention, FusedTextMLP
 from qwen3_vl.optim.plan import Optimization, Requirements, Target
 
 
@@ -32,14 +36,45 @@ class GemvLinear(Linear):
         return super().forward(x)
 
 
-def use_gemv(model) -> int:
+class GemvDecoderLayer(DecoderLayer):
+    """A fused decoder layer (``fuse_projections``'s) whose one-row call folds its small kernels into the four
+    GEMVs: the input RMSNorm into the q/k/v product, the residual add into ``o_proj``'s, the second RMSNorm into
+    gate/up's, SiLU-and-gate and the residual into ``down``'s (``gemv``'s prologues and epilogue, rounding where
+    the layer rounds). Any other call, or one a hook watches, is the plain layer's."""
+
+    def forward(self, x, cos, sin, mask, cache, attention) -> torch.Tensor:
+        attn, mlp = self.self_attn, self.mlp
+        if x.numel() != x.shape[-1] or x.dtype != mlp.down_proj.weight.dtype or attn._forward_hooks \
+                or attn._forward_pre_hooks:
+            return super().forward(x, cos, sin, mask, cache, attention)
+        norm, post = self.input_layernorm, self.post_attention_layernorm
+        q, k, v = gemv(x, attn.qkv_proj.weight, norm.weight, norm.eps).split(attn.qkv_sizes, dim=-1)
+        out = attn.attend(q, k, v, cos, sin, mask, cache, attention).contiguous()
+        h = gemv(out, attn.o_proj.weight, residual=x)
+        gate_up = gemv(h, mlp.gate_up_proj.weight, post.weight, post.eps)
+        return gemv(gate_up, mlp.down_proj.weight, gated=True, residual=h)
+
+
+def _foldable(layer) -> bool:
+    attn, mlp = layer.self_attn, layer.mlp
+    linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+    return type(layer) is DecoderLayer and type(attn) is FusedTextAttention and type(mlp) is FusedTextMLP \
+        and all(type(lin) in (Linear, GemvLinear) and tile(*lin.weight.shape) is not None for lin in linears)
+
+
+def use_gemv(model, fold: bool = False) -> int:
     """Swap the text decoder's plain bias-free ``Linear`` projections and the output matrix to
-    ``GemvLinear`` where the kernel fits the shape; returns how many."""
+    ``GemvLinear`` where the kernel fits the shape, and with ``fold`` each fused layer whose four matrices it
+    fits to ``GemvDecoderLayer``; returns how many matrices go through the kernel."""
     swapped = 0
     for module in [*model.language_model.modules(), model.lm_head]:
         if type(module) is Linear and module.bias is None and tile(*module.weight.shape) is not None:
             module.__class__ = GemvLinear
             swapped += 1
+    if fold:
+        for layer in model.language_model.layers:
+            if _foldable(layer):
+                layer.__class__ = GemvDecoderLayer
     return swapped
 
 
@@ -47,8 +82,12 @@ class CompiledExecution(CudaGraphExecution):
     name = "compile"
 
     def __init__(self, model, target: Target, fuse: bool = True, bucket: int = 256, prefill_graphs: int = 8,
-                 prefill_bucket: int = 64, gemv: bool = True, host_choice: bool = False) -> None:
+                 prefill_bucket: int = 64, gemv: bool = True, host_choice: bool = False, fold: bool = False) -> None:
         import torch._dynamo
+
+        if fold and not (gemv and fuse):
+            raise ValueError("compile's fold=true folds the norms and residual adds into the GEMV of the fused "
+                             "projections: it needs gemv=true and fuse=true")
 
         # Where an option's code breaks the traced graph inside a layer, each layer's frame is
         # specialised on its index; allow one variant per layer (and a few more) before dynamo
@@ -57,10 +96,11 @@ class CompiledExecution(CudaGraphExecution):
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * layers + 8)
         super().__init__(model, target, fuse, bucket, compile_step=True, prefill_graphs=prefill_graphs,
                          prefill_bucket=prefill_bucket, host_choice=host_choice)
-        self.gemv_layers = use_gemv(model) if gemv else 0  # after fusing: the fused projections are swapped
+        self.gemv_layers = use_gemv(model, fold) if gemv else 0  # after fusing: the fused projections are swapped
+        self.folded_layers = sum(type(layer) is GemvDecoderLayer for layer in model.language_model.layers)
 
     def describe(self) -> dict:
-        return {**super().describe(), "gemv_layers": self.gemv_layers}
+        return {**super().describe(), "gemv_layers": self.gemv_layers, "folded_layers": self.folded_layers}
 
 
 OPTION = Optimization(
@@ -70,7 +110,8 @@ OPTION = Optimization(
     summary=(
         "Decode step compiled by torch.compile (Inductor/Triton fuses each layer's elementwise work) and "
         "replayed as a CUDA graph, with fused projections, one-row products of matrices with a side under 4096 "
-        "(2b-class) through our Triton GEMV (gemv=false: cuBLAS's), greedy tokens chosen inside the graph "
+        "(2b-class) through our Triton GEMV (gemv=false: cuBLAS's; fold=true: each layer's norms, residual adds and "
+        "SiLU gate folded into its GEMVs), greedy tokens chosen inside the graph "
         "(host_choice=true: by the host) and cuda_graph's captured prefill; needs Triton, so sm_70+."
     ),
     build=lambda model, target, **params: CompiledExecution(model, target, **params),
@@ -79,5 +120,5 @@ OPTION = Optimization(
     needs=NEEDS,
     fallback="cuda_graph",
     defaults={"fuse": True, "bucket": 256, "prefill_graphs": 8, "prefill_bucket": 64, "gemv": True,
-              "host_choice": False},
+              "host_choice": False, "fold": False},
 )

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import qwen3_vl
+from harness.workload import PromptSpec, RowSpec, build_prompt, generate
 from qwen3_vl.optim.execution import cuda_graph
 from qwen3_vl.optim.execution.cuda_graph import CudaGraphExecution
 from qwen3_vl.optim.execution.fusion import FusedTextAttention, FusedTextMLP
@@ -166,3 +167,41 @@ def test_compile_sends_every_one_row_text_product_to_the_gemv(tiny_checkpoint, o
     kw = dict(max_new_tokens=6, eos_token_id=[])
     assert torch.equal(model.generate(ids, **kw), ours_tiny.generate(ids, **kw))
     assert rows == [1] * (1 + 5 * (4 * layers + 1))  # prefill: the output matrix only; 5 decode steps
+
+
+def test_compile_fold_puts_each_layers_norms_and_residuals_into_its_gemvs(tiny_checkpoint, ours_tiny, monkeypatch):
+    """``compile[fold=true]``: every decode layer is ``GemvDecoderLayer``, whose one-row call is four GEMVs
+    carrying the input norm, the o residual, the second norm, and the SiLU gate with the down residual (here
+    the kernel's PyTorch ``reference`` stands in); the prefill is the plain layer's; tokens and the decode's
+    logits are the reference's."""
+    from qwen3_vl.kernels import triton_gemv
+    from qwen3_vl.optim.execution import compile as compile_option
+
+    folds = []
+
+    def recording_gemv(x, weight, norm=None, eps=0.0, gated=False, residual=None):
+        folds.append((norm is not None, gated, residual is not None))
+        return triton_gemv.reference(x, weight, norm, eps, gated, residual)
+
+    monkeypatch.setattr(compile_option, "gemv", recording_gemv)
+    model = graph_model(tiny_checkpoint, bucket=16)
+    layers = ours_tiny.config.text.num_hidden_layers
+    assert compile_option.use_gemv(model, fold=True) == 4 * layers + 1
+    assert all(type(layer) is compile_option.GemvDecoderLayer for layer in model.language_model.layers)
+    prompt = build_prompt(ours_tiny.config, PromptSpec((RowSpec(3, (4, 4), 2),), seed=5))
+    tokens, logits, _ = generate(model, prompt, 6)
+    ref_tokens, ref_logits, _ = generate(ours_tiny, prompt, 6)
+    assert torch.equal(tokens, ref_tokens)
+    assert relative_error(logits, ref_logits) <= 1e-5
+    layer_calls = [(True, False, False), (False, False, True), (True, False, False), (False, True, True)]
+    lm_head = (False, False, False)
+    assert folds == [lm_head] + 5 * (layer_calls * layers + [lm_head])  # prefill: the output matrix only
+
+
+def test_compile_fold_needs_the_gemv_and_fused_projections(tiny_checkpoint):
+    from qwen3_vl.optim.execution.compile import CompiledExecution
+
+    model = qwen3_vl.from_pretrained(tiny_checkpoint)
+    for kwargs in (dict(gemv=False), dict(fuse=False)):
+        with pytest.raises(ValueError, match=r"fold=true .* needs gemv=true and fuse=true"):
+            CompiledExecution(model, Target("cpu"), fold=True, **kwargs)
