@@ -3,7 +3,7 @@ device time, against the floor (text weights over the measured copy bandwidth) a
 step's matrix products alone, for Inductor settings compiled side by side in one process.
 
     python scripts/gpu_decode_profile.py [--preset 2b] [--dtype bf16] [--plan PLAN ...]
-        [--variants default[,cdt,autotune]]
+        [--variants default[,cdt,autotune]] [--gemv-tile N,K,WARPS]
 
 Variants (Inductor settings while the step compiles): ``default``; ``cdt`` (coordinate-descent tuning of
 each Triton kernel's launch settings, gpt-fast's setting); ``autotune`` (``max_autotune_gemm``: Triton matmul
@@ -32,8 +32,9 @@ import qwen3_vl
 from harness.bench import bench_prompt, copy_bandwidth, text_weight_bytes
 from harness.timing import capture_graph, graph_replay_ms
 from qwen3_vl.config import preset
-from qwen3_vl.kernels.triton_gemv import gemv, tile
+from qwen3_vl.kernels import triton_gemv
 from qwen3_vl.model.layers import Linear
+from qwen3_vl.optim.execution import compile as compile_option
 
 VARIANTS = {
     "default": {},
@@ -124,11 +125,17 @@ def main() -> None:
     parser.add_argument("--plan", action="append", help="repeatable: each plan's step is a variant of its own "
                         "(default attention=eager,kv_cache=static,execution=compile)")
     parser.add_argument("--variants", default="default")
+    parser.add_argument("--gemv-tile", help="N,K,WARPS: our GEMV at this tile for every matrix, 8b-class included "
+                        "(an experiment: compile's tile() rule is replaced in this process)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--replays", type=int, default=100)
     args = parser.parse_args()
     args.plan = args.plan or ["attention=eager,kv_cache=static,execution=compile"]
     config = preset(args.preset)
+    if args.gemv_tile:
+        forced = tuple(int(v) for v in args.gemv_tile.split(","))
+        triton_gemv.tile = compile_option.tile = lambda n, k: forced
+        print(f"EXPERIMENT: our GEMV at tile {forced} for every matrix (tile() replaced)")
     device = torch.device("cuda")
     bandwidth = copy_bandwidth(device)
     floor_ms = text_weight_bytes(config, torch.bfloat16 if args.dtype == "bf16" else torch.float16) / bandwidth * 1e3
@@ -167,7 +174,7 @@ def main() -> None:
 
 def measure(steps: dict[str, Step], args, floor_ms: float) -> None:
     first = next(iter(steps.values()))
-    ours = lambda x, w: gemv(x, w) if tile(*w.shape) else F.linear(x, w)  # compile's choice per shape
+    ours = lambda x, w: triton_gemv.gemv(x, w) if triton_gemv.tile(*w.shape) else F.linear(x, w)  # compile's choice
     for kind, product in (("cuBLAS", F.linear), ("our Triton GEMV where compile uses it", ours)):
         products_ms, product_bytes = products_alone_ms(first.model, product)
         print(f"matrix products alone ({kind}, one row, captured): {products_ms:.3f} ms per step, "
