@@ -32,6 +32,7 @@ PLANS = (
     "attention=sdpa,kv_cache=static,execution=compile[gemv=false]",
     "attention=sdpa,kv_cache=static,execution=compile",
     "attention=sdpa,kv_cache=static,execution=compile[fold=true]",
+    "attention=sdpa,kv_cache=static,execution=compile[prefill_compile=true]",
 )
 
 

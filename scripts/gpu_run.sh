@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Everything this project checks and times on a GPU, in stages, for the device tool:
 #   bash scripts/gpu_run.sh STAGE [STAGE ...]     (stages: setup exact bench2b bench8b attention
-#                                                  ttft2b attention-pascal memory pascal prefill-profile decode-profile
-#                                                  decode-profile-8b gemv-forms vision harness)
+#                                                  ttft2b ttft2b-prefill attention-pascal memory pascal
+#                                                  prefill-profile decode-profile decode-profile-8b gemv-forms
+#                                                  vision harness)
 # Results go to a results store under $OUT (packed as one tarball, since few files come back),
 # logs to $OUT/log.txt. Carried wheels (in .gpu_wheels) fill in what the GPU image lacks.
 set -uo pipefail
@@ -44,6 +45,10 @@ for s in "$@"; do
               --plan "attention=sdpa,kv_cache=static,execution=compile[host_choice=true]" \
               --plan "attention=sdpa,kv_cache=static,execution=compile[fold=true]" \
               --plan attention=sdpa,kv_cache=static,execution=compile ;;
+    ttft2b-prefill) stage ttft2b-prefill 540 python -m harness.bench --preset 2b --device cuda --dtype bf16 \
+                      --compare transformers --rounds 3 --results-dir "$RES" \
+                      --plan attention=sdpa,kv_cache=static,execution=compile \
+                      --plan "attention=sdpa,kv_cache=static,execution=compile[prefill_compile=true]" ;;
     bench8b) stage bench8b 330 python -m harness.bench --preset 8b --device cuda --dtype bf16 --compare transformers \
                --transformers-paths static --rounds 2 --new-tokens 64 --results-dir "$RES" --plan attention=sdpa \
                --plan attention=sdpa,kv_cache=static,execution=cuda_graph \

@@ -4,7 +4,9 @@ the text decoder's one-row products (every projection and the output matrix in a
 Triton GEMV (``qwen3_vl/kernels/triton_gemv.py``) instead of cuBLAS's; any product of more rows (the
 prefill) stays cuBLAS's. With ``fold=True`` each layer's one-row call is ``GemvDecoderLayer``'s: its RMSNorms,
 residual adds and SiLU gate ride in the GEMVs' prologues and epilogue, which removes about three of Inductor's
-small kernels a layer (off by default until measured on a GPU against ``fold=false`` in one process).
+small kernels a layer (off by default until measured on a GPU against ``fold=false`` in one process). With
+``prefill_compile=True`` the captured prefill is compiled too (``prefill_graph.py``; off by default: a compile
+per new prompt shape, and not yet measured).
 
 Triton refuses GPUs below compute capability 7.0, so on a Pascal (sm_61) GPU this option is
 unavailable and falls back to ``cuda_graph`` with that reason recorded.
@@ -82,7 +84,8 @@ class CompiledExecution(CudaGraphExecution):
     name = "compile"
 
     def __init__(self, model, target: Target, fuse: bool = True, bucket: int = 256, prefill_graphs: int = 8,
-                 prefill_bucket: int = 64, gemv: bool = True, host_choice: bool = False, fold: bool = False) -> None:
+                 prefill_bucket: int = 64, gemv: bool = True, host_choice: bool = False, fold: bool = False,
+                 prefill_compile: bool = False) -> None:
         import torch._dynamo
 
         if fold and not (gemv and fuse):
@@ -95,7 +98,7 @@ class CompiledExecution(CudaGraphExecution):
         layers = model.config.text.num_hidden_layers
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * layers + 8)
         super().__init__(model, target, fuse, bucket, compile_step=True, prefill_graphs=prefill_graphs,
-                         prefill_bucket=prefill_bucket, host_choice=host_choice)
+                         prefill_bucket=prefill_bucket, host_choice=host_choice, prefill_compile=prefill_compile)
         self.gemv_layers = use_gemv(model, fold) if gemv else 0  # after fusing: the fused projections are swapped
         self.folded_layers = sum(type(layer) is GemvDecoderLayer for layer in model.language_model.layers)
 
@@ -112,7 +115,8 @@ OPTION = Optimization(
         "replayed as a CUDA graph, with fused projections, one-row products of matrices with a side under 4096 "
         "(2b-class) through our Triton GEMV (gemv=false: cuBLAS's; fold=true: each layer's norms, residual adds and "
         "SiLU gate folded into its GEMVs), greedy tokens chosen inside the graph "
-        "(host_choice=true: by the host) and cuda_graph's captured prefill; needs Triton, so sm_70+."
+        "(host_choice=true: by the host) and cuda_graph's captured prefill (prefill_compile=true: compiled before "
+        "its capture, once per prompt shape); needs Triton, so sm_70+."
     ),
     build=lambda model, target, **params: CompiledExecution(model, target, **params),
     requires=Requirements(devices=("cuda",), min_compute_capability=(7, 0)),
@@ -120,5 +124,5 @@ OPTION = Optimization(
     needs=NEEDS,
     fallback="cuda_graph",
     defaults={"fuse": True, "bucket": 256, "prefill_graphs": 8, "prefill_bucket": 64, "gemv": True,
-              "host_choice": False, "fold": False},
+              "host_choice": False, "fold": False, "prefill_compile": False},
 )

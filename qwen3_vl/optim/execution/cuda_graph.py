@@ -238,7 +238,7 @@ class CudaGraphExecution:
 
     def __init__(self, model, target: Target, fuse: bool = True, bucket: int = 256, check_every: int = 8,
                  compile_step: bool = False, capture: bool = True, prefill_graphs: int = 8,
-                 prefill_bucket: int = 64, host_choice: bool = False) -> None:
+                 prefill_bucket: int = 64, host_choice: bool = False, prefill_compile: bool = False) -> None:
         if capture and (not torch.cuda.is_available() or target.device_type != "cuda"):
             raise RuntimeError("CUDA-graph execution needs a CUDA device")
         self.capture = capture
@@ -255,7 +255,7 @@ class CudaGraphExecution:
         self.captured: CapturedStep | None = None
         self.captures = 0
         self.capture_error = ""  # why capture failed, when it did (decoding then runs eagerly)
-        self.prefills = PrefillGraphs(prefill_graphs, prefill_bucket, capture)
+        self.prefills = PrefillGraphs(prefill_graphs, prefill_bucket, capture, prefill_compile)
 
     def prefill(self, model, cache, prompt) -> torch.Tensor | None:
         """The prompt's last logits through a captured prefill, or None for the reference prefill (see

@@ -12,7 +12,10 @@ the end: causal attention keeps the real rows' results those of the unpadded pro
 them; the kernels may round differently for the longer length), and the cache is told only the real tokens, so
 decoding overwrites the padded keys and never attends to them. The first prompt of a key runs once eagerly (the
 kernels are chosen), is captured, then replayed; the next prompts of that key are replays. At most ``capacity``
-graphs are kept (least recently used dropped), sharing one memory pool.
+graphs are kept (least recently used dropped), sharing one memory pool. With ``compile`` (``compile``'s
+``prefill_compile=true``) each shape's prefill is compiled by torch.compile before its capture: Inductor fuses
+the vision tower's and the text layers' elementwise work, at a compile per new prompt shape (the ViT's segment
+bounds are host values, read in each layer, so the trace breaks there).
 
 What is not captured takes the reference prefill, and why is counted in ``describe()``: a vision option other
 than ``full`` (``conditional`` decides per request whether the ViT runs), a padded batch, a cache that already
@@ -34,11 +37,14 @@ class _Entry:
     """One prompt shape: its device input buffers and, when captured, the graph that reads them."""
 
     def __init__(self, forward, host: dict[str, torch.Tensor], device: torch.device, grids: dict, reset,
-                 capture: bool, pool) -> None:
+                 capture: bool, pool, first=None) -> None:
         self.static = {name: t.to(device, copy=True) for name, t in host.items()}
         self.grids = grids  # the vision grids' device tensors: the graph reads them, so they live with it
         self.forward = forward
         self.graph = None
+        if first is not None:  # an eager run before ``forward`` (a compiled one) is first called
+            first(self.static)
+            reset()
         if not capture:
             return
         # Warm up on a side stream (kernels chosen, cache buffers allocated), then capture.
@@ -69,10 +75,10 @@ class PrefillGraphs:
     """Prefills through captured graphs (``capture=False``: the same buffers and code, run eagerly; how the
     CPU tests check the logic)."""
 
-    def __init__(self, capacity: int = 8, bucket: int = 64, capture: bool = True) -> None:
+    def __init__(self, capacity: int = 8, bucket: int = 64, capture: bool = True, compile: bool = False) -> None:
         if capacity < 0 or bucket < 1:
             raise ValueError(f"prefill graphs need capacity >= 0 and bucket >= 1, got {capacity} and {bucket}")
-        self.capacity, self.bucket, self.capture = capacity, bucket, capture
+        self.capacity, self.bucket, self.capture, self.compile = capacity, bucket, capture, compile
         self.entries: OrderedDict[tuple, _Entry] = OrderedDict()
         self.failed: dict[tuple, str] = {}  # key -> why its capture failed (that shape then runs eagerly)
         self.cache = None  # the cache the graphs write: a new one makes them stale
@@ -141,11 +147,15 @@ class PrefillGraphs:
         def reset():
             cache.seen_tokens = 0
 
+        first = None
+        if self.compile:  # one eager run first (options choose their kernels outside the trace), then Inductor's
+            first, forward = forward, torch.compile(forward, dynamic=False)
+
         capture = self.capture and key not in self.failed
         if capture and self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         try:
-            entry = _Entry(forward, host, model.device, grids, reset, capture, self.pool)
+            entry = _Entry(forward, host, model.device, grids, reset, capture, self.pool, first)
         except Exception as exc:  # kept and shown in describe(); this shape prefills eagerly from now on
             self.failed[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             reset()
@@ -207,5 +217,5 @@ class PrefillGraphs:
         return model.lm_head(last[:, None])
 
     def describe(self) -> dict:
-        return {"capacity": self.capacity, "bucket": self.bucket, "shapes": len(self.entries),
+        return {"capacity": self.capacity, "bucket": self.bucket, "compiled": self.compile, "shapes": len(self.entries),
                 "counts": dict(self.counts), "capture_errors": sorted(set(self.failed.values()))}

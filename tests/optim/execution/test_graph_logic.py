@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch._dynamo
 
 import qwen3_vl
 from harness.workload import PromptSpec, RowSpec, build_prompt, generate
@@ -205,3 +206,22 @@ def test_compile_fold_needs_the_gemv_and_fused_projections(tiny_checkpoint):
     for kwargs in (dict(gemv=False), dict(fuse=False)):
         with pytest.raises(ValueError, match=r"fold=true .* needs gemv=true and fuse=true"):
             CompiledExecution(model, Target("cpu"), fold=True, **kwargs)
+
+
+def test_a_compiled_prefill_keeps_the_reference_tokens_and_logits(tiny_checkpoint, ours_tiny):
+    """``compile[prefill_compile=true]``'s prefill: each prompt shape compiled by torch.compile (Inductor's CPU
+    backend here) after one eager run; an image prompt's greedy tokens are the reference's, its logits within
+    1e-5, and a second prompt of the same shape reuses the entry."""
+    model = qwen3_vl.from_pretrained(tiny_checkpoint, plan="attention=sdpa")
+    model.execution = CudaGraphExecution(model, Target("cpu"), capture=False, bucket=16, prefill_compile=True)
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    for seed in (5, 6):  # the same shape, other ids and pixels
+        prompt = build_prompt(ours_tiny.config, PromptSpec((RowSpec(3, (4, 4), 2),), seed=seed))
+        tokens, logits, _ = generate(model, prompt, 4)
+        ref_tokens, ref_logits, _ = generate(ours_tiny, prompt, 4)
+        assert torch.equal(tokens, ref_tokens)
+        assert relative_error(logits, ref_logits) <= 1e-5
+    prefill = model.execution.describe()["prefill"]
+    assert prefill["compiled"] and prefill["shapes"] == 1 and prefill["counts"] == {"run": 2}
+    assert counters["stats"]["unique_graphs"] > 0  # Inductor compiled it (the decode step is not compiled here)
