@@ -27,8 +27,9 @@ stage() {  # stage NAME TIMEOUT COMMAND...
 for s in "$@"; do
   case $s in
     setup)
-      stage setup 60 bash -c 'pip install -q --no-index --find-links .gpu_wheels psutil py-cpuinfo nvidia-ml-py \
-        rich pytest hypothesis pytest-benchmark 2>&1 | tail -3;
+      # the device image holds these packages already; carried wheels (if any) only override versions
+      stage setup 60 bash -c '[ -d .gpu_wheels ] && pip install -q --no-index --find-links .gpu_wheels psutil \
+        py-cpuinfo nvidia-ml-py rich pytest hypothesis pytest-benchmark 2>&1 | tail -3;
         python -c "import torch, transformers, pandas, pyarrow; print(torch.__version__, torch.version.cuda, \
         transformers.__version__, pandas.__version__, pyarrow.__version__, torch.cuda.get_device_name())";
         nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv' ;;
