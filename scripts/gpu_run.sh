@@ -47,7 +47,8 @@ for s in "$@"; do
               --plan "attention=sdpa,kv_cache=static,execution=compile[fold=true]" \
               --plan attention=sdpa,kv_cache=static,execution=compile ;;
     ttft2b-prefill) stage ttft2b-prefill 540 python -m harness.bench --preset 2b --device cuda --dtype bf16 \
-                      --compare transformers --rounds 3 --results-dir "$RES" \
+                      --compare transformers --transformers-paths sdpa --rounds 3 --new-tokens 32 \
+                      --results-dir "$RES" \
                       --plan attention=sdpa,kv_cache=static,execution=compile \
                       --plan "attention=sdpa,kv_cache=static,execution=compile[prefill_compile=true]" ;;
     bench8b) stage bench8b 330 python -m harness.bench --preset 8b --device cuda --dtype bf16 --compare transformers \
