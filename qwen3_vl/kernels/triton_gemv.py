@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch.library import triton_op, wrap_triton
 
+from qwen3_vl.model.layers import rms_norm
+
 
 def unavailable_reason() -> str | None:
     if importlib.util.find_spec("triton") is None:
@@ -132,8 +134,7 @@ def reference(x: torch.Tensor, weight: torch.Tensor, norm: torch.Tensor | None =
         gate, up = x.chunk(2, dim=-1)
         x = F.silu(gate) * up
     if norm is not None:
-        x32 = x.float()
-        x = norm.to(x.dtype) * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+        x = rms_norm(x, norm, eps)
     y = F.linear(x, weight)
     return y if residual is None else residual.view_as(y) + y
 
