@@ -58,10 +58,10 @@ class GemvDecoderLayer(DecoderLayer):
 
 
 def _foldable(layer) -> bool:
+    """A plain fused layer whose four matrices ``use_gemv`` sent to the kernel."""
     attn, mlp = layer.self_attn, layer.mlp
-    linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
     return type(layer) is DecoderLayer and type(attn) is FusedTextAttention and type(mlp) is FusedTextMLP \
-        and all(type(lin) in (Linear, GemvLinear) and tile(*lin.weight.shape) is not None for lin in linears)
+        and all(type(lin) is GemvLinear for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
 
 
 def use_gemv(model, fold: bool = False) -> int:
