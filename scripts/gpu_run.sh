@@ -6,6 +6,8 @@
 #                                                  vision harness)
 # Results go to a results store under $OUT (packed as one tarball, since few files come back),
 # logs to $OUT/log.txt. Carried wheels (in .gpu_wheels) fill in what the GPU image lacks.
+# DEADLINE=S (seconds from the start, default 580) keeps a call inside the device tool's 10 minutes: a stage
+# whose limit would end past it is skipped and said so, since a benchmark cut off stores nothing.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -13,9 +15,15 @@ RES=${RES:-/tmp/gpu-results}
 mkdir -p "$RES"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 LOG="$OUT/log.txt"
+DEADLINE=${DEADLINE:-580}
 status=0
 stage() {  # stage NAME TIMEOUT COMMAND...
   local name=$1 limit=$2; shift 2
+  if (( SECONDS + limit > DEADLINE )); then
+    echo "=== $name SKIPPED: its limit ${limit}s would end past the call's deadline (${SECONDS}s of ${DEADLINE}s used)" \
+      | tee -a "$LOG"
+    status=1; return
+  fi
   echo "=== $name ($(date +%T))" | tee -a "$LOG"
   timeout "$limit" "$@" 2>&1 | tee -a "$LOG" | grep -vE "Warning|warn\(|^\s*$" | tail -n 40
   local rc=${PIPESTATUS[0]}
