@@ -6,7 +6,9 @@ prefill) stays cuBLAS's. With ``fold=True`` each layer's one-row call is ``GemvD
 residual adds and SiLU gate ride in the GEMVs' prologues and epilogue, which removes about three of Inductor's
 small kernels a layer (off by default until measured on a GPU against ``fold=false`` in one process). With
 ``prefill_compile=True`` the captured prefill is compiled too (``prefill_graph.py``; off by default: a compile
-per new prompt shape, and not yet measured).
+per new prompt shape, and not yet measured). With ``attend=True`` each layer's one-query attention against the
+graph cache (q/k RMSNorm, M-RoPE, the cache write, scores, softmax, values: about five launches) is one Triton
+kernel (``qwen3_vl/kernels/triton_decode_attention.py``; off by default until measured).
 
 Triton refuses GPUs below compute capability 7.0, so on a Pascal (sm_61) GPU this option is
 unavailable and falls back to ``cuda_graph`` with that reason recorded.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from qwen3_vl.kernels.triton_decode_attention import decode_attention, fits
 from qwen3_vl.kernels.triton_gemv import gemv, tile, unavailable_reason
 from qwen3_vl.model.layers import Linear
 from qwen3_vl.model.text import DecoderLayer
@@ -57,6 +60,32 @@ class GemvDecoderLayer(DecoderLayer):
         return gemv(gate_up, mlp.down_proj.weight, gated=True, residual=h)
 
 
+class KernelAttention(FusedTextAttention):
+    """The fused attention whose one-query step against the graph cache in graph mode (the captured decode
+    step) is the Triton ``decode_attention``: norms, rotary, cache write and attention in one kernel. Any
+    other call (the prefill, an eager cache) is the plain attention's."""
+
+    def attend(self, q, k, v, cos, sin, mask, cache, attention) -> torch.Tensor:
+        if q.shape[1] != 1 or not getattr(cache, "graph_mode", False):
+            return super().attend(q, k, v, cos, sin, mask, cache, attention)
+        keys, values = cache.keys[self.layer_idx], cache.values[self.layer_idx]
+        return decode_attention(q, k, v, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, cos, sin, keys,
+                                values, cache.position, cache.valid, self.head_dim**-0.5, q.shape[-1] // self.head_dim,
+                                keys.shape[1])
+
+
+def use_decode_attention(model) -> int:
+    """Swap each fused text attention to ``KernelAttention`` where the kernel takes its head size (a power of
+    two) and both norms share one eps; returns how many layers."""
+    swapped = 0
+    for layer in model.language_model.layers:
+        attn = layer.self_attn
+        if type(attn) is FusedTextAttention and fits(attn.head_dim) and attn.q_norm.eps == attn.k_norm.eps:
+            attn.__class__ = KernelAttention
+            swapped += 1
+    return swapped
+
+
 def _foldable(layer) -> bool:
     """A plain fused layer whose four matrices ``use_gemv`` sent to the kernel."""
     attn, mlp = layer.self_attn, layer.mlp
@@ -85,12 +114,14 @@ class CompiledExecution(CudaGraphExecution):
 
     def __init__(self, model, target: Target, fuse: bool = True, bucket: int = 256, prefill_graphs: int = 8,
                  prefill_bucket: int = 64, gemv: bool = True, host_choice: bool = False, fold: bool = False,
-                 prefill_compile: bool = False) -> None:
+                 prefill_compile: bool = False, attend: bool = False) -> None:
         import torch._dynamo
 
         if fold and not (gemv and fuse):
             raise ValueError("compile's fold=true folds the norms and residual adds into the GEMV of the fused "
                              "projections: it needs gemv=true and fuse=true")
+        if attend and not fuse:
+            raise ValueError("compile's attend=true replaces the fused projections' attention: it needs fuse=true")
 
         # Where an option's code breaks the traced graph inside a layer, each layer's frame is
         # specialised on its index; allow one variant per layer (and a few more) before dynamo
@@ -101,9 +132,11 @@ class CompiledExecution(CudaGraphExecution):
                          prefill_bucket=prefill_bucket, host_choice=host_choice, prefill_compile=prefill_compile)
         self.gemv_layers = use_gemv(model, fold) if gemv else 0  # after fusing: the fused projections are swapped
         self.folded_layers = sum(type(layer) is GemvDecoderLayer for layer in model.language_model.layers)
+        self.attention_kernel_layers = use_decode_attention(model) if attend else 0  # after folding: it checks types
 
     def describe(self) -> dict:
-        return {**super().describe(), "gemv_layers": self.gemv_layers, "folded_layers": self.folded_layers}
+        return {**super().describe(), "gemv_layers": self.gemv_layers, "folded_layers": self.folded_layers,
+                "attention_kernel_layers": self.attention_kernel_layers}
 
 
 OPTION = Optimization(
@@ -116,7 +149,8 @@ OPTION = Optimization(
         "(2b-class) through our Triton GEMV (gemv=false: cuBLAS's; fold=true: each layer's norms, residual adds and "
         "SiLU gate folded into its GEMVs), greedy tokens chosen inside the graph "
         "(host_choice=true: by the host) and cuda_graph's captured prefill (prefill_compile=true: compiled before "
-        "its capture, once per prompt shape); needs Triton, so sm_70+."
+        "its capture, once per prompt shape); attend=true: each layer's one-query attention (q/k norms, rotary, "
+        "cache write, softmax attention) one Triton kernel; needs Triton, so sm_70+."
     ),
     build=lambda model, target, **params: CompiledExecution(model, target, **params),
     requires=Requirements(devices=("cuda",), min_compute_capability=(7, 0)),
@@ -124,5 +158,6 @@ OPTION = Optimization(
     needs=NEEDS,
     fallback="cuda_graph",
     defaults={"fuse": True, "bucket": 256, "prefill_graphs": 8, "prefill_bucket": 64, "gemv": True,
-              "host_choice": False, "fold": False, "prefill_compile": False},
+              "host_choice": False, "fold": False, "prefill_compile": False,
+              "attend": False},
 )

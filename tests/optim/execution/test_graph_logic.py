@@ -199,6 +199,41 @@ def test_compile_fold_puts_each_layers_norms_and_residuals_into_its_gemvs(tiny_c
     assert folds == [lm_head] + 5 * (layer_calls * layers + [lm_head])  # prefill: the output matrix only
 
 
+def test_compile_attend_makes_each_decode_steps_attention_one_kernel_call(tiny_checkpoint, ours_tiny, monkeypatch):
+    """``compile[attend=true]``: every layer's attention is ``KernelAttention``, whose one-query decode step is one
+    ``decode_attention`` call against the layer's cache buffers (here the kernel's PyTorch ``reference`` stands
+    in); the prefill is the plain attention's; with padding, tokens and the decode's logits are the reference's."""
+    from qwen3_vl.kernels import triton_decode_attention
+    from qwen3_vl.optim.execution import compile as compile_option
+
+    calls = []
+
+    def recording(q, k, v, q_norm, k_norm, eps, cos, sin, keys, values, *rest):
+        calls.append((q.shape[1], keys.data_ptr()))
+        return triton_decode_attention.reference(q, k, v, q_norm, k_norm, eps, cos, sin, keys, values, *rest)
+
+    monkeypatch.setattr(compile_option, "decode_attention", recording)
+    model = graph_model(tiny_checkpoint, bucket=16)
+    layers = ours_tiny.config.text.num_hidden_layers
+    assert compile_option.use_decode_attention(model) == layers
+    prompt = build_prompt(ours_tiny.config, PromptSpec((RowSpec(3, (4, 4), 2), RowSpec(4)), seed=5))
+    assert prompt.attention_mask is not None  # the shorter row is padded
+    tokens, logits, _ = generate(model, prompt, 6)
+    ref_tokens, ref_logits, _ = generate(ours_tiny, prompt, 6)
+    assert torch.equal(tokens, ref_tokens)
+    assert relative_error(logits, ref_logits) <= 1e-5
+    buffers = [t.data_ptr() for t in model.execution.cache.keys]
+    assert calls == 5 * [(1, ptr) for ptr in buffers]  # 5 decode steps after the prefill's token, each layer's own
+
+
+def test_compile_attend_needs_fused_projections(tiny_checkpoint):
+    from qwen3_vl.optim.execution.compile import CompiledExecution
+
+    model = qwen3_vl.from_pretrained(tiny_checkpoint)
+    with pytest.raises(ValueError, match=r"attend=true .* needs fuse=true"):
+        CompiledExecution(model, Target("cpu"), attend=True, fuse=False)
+
+
 def test_compile_fold_needs_the_gemv_and_fused_projections(tiny_checkpoint):
     from qwen3_vl.optim.execution.compile import CompiledExecution
 

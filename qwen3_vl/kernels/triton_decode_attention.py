@@ -1,0 +1,183 @@
+"""A decode step's text attention in one Triton kernel, for the compiled GPU decode step.
+
+Why: in the compiled 2b step (H200, 2026-12-04 profile) a layer's attention between its q/k/v product and
+``o_proj`` is about five launches (the q/k RMSNorms with M-RoPE, the two cache writes, the scores product,
+the masked softmax, the value product), each a few microseconds of mostly launch latency over a few hundred
+kilobytes. Here one program per query head does all of it: RMSNorm and rotary of its query and of its KV
+head's new key, the new key and value written into the layer's cache at the step's device-side position
+(by the group's first head), and softmax attention of the query over the cached keys up to that position
+(online softmax in fp32, one pass over K and V) plus its own new key.
+
+The same function as ``reference`` (the eager ops: ``rms_norm``, ``apply_rotary``, the cache's
+``index_copy_``, ``grouped_softmax_attention`` with the validity mask) up to float reassociation in fp32.
+In bf16 it rounds less often than eager: the normalised-and-rotated query and key are rounded once (as
+Inductor's fused kernel rounds them in the compiled step), scores and probabilities stay fp32 (eager
+rounds both to bf16), the output is rounded once.
+
+``decode_attention`` is a ``torch.library.triton_op`` that mutates the two cache buffers, so torch.compile
+sees into it and CUDA graphs capture it. Needs Triton (``triton_gemv.unavailable_reason``); with
+``TRITON_INTERPRET=1`` set before the first call it runs on the CPU (how the tests check it).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.library import triton_op, wrap_triton
+
+from qwen3_vl.kernels.triton_gemv import unavailable_reason
+from qwen3_vl.model.layers import apply_rotary, rms_norm
+from qwen3_vl.optim.attention.eager import grouped_softmax_attention
+
+BLOCK_T = 64  # cached positions per tile: a 64 x 128 bf16 tile of K or V is 16 KB per load
+
+
+def fits(head_dim: int) -> bool:
+    """Whether the kernel takes this head size (a power of two of at least 16: one ``tl.arange``)."""
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
+@functools.cache
+def _kernel():
+    # Built on first use: Triton reads TRITON_INTERPRET when a kernel is defined. The helper is bound at module
+    # level because Triton resolves a kernel's callees through its globals (its interpreter drops closures).
+    global _norm_rotary
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _norm_rotary(x_ptr, norm_ptr, cos, sin, eps, dtype, D: tl.constexpr):
+        # rms_norm (fp32 statistics, rounded after the normalisation and after the weight), then
+        # x*cos + rotate_half(x)*sin in fp32, rounded once. rotate_half reads the other half, negated first.
+        d = tl.arange(0, D)
+        other = (d + D // 2) % D
+        x = tl.load(x_ptr + d).to(tl.float32)
+        x_other = tl.load(x_ptr + other).to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
+        x = (tl.load(norm_ptr + d).to(dtype).to(tl.float32) * (x * rstd).to(dtype).to(tl.float32)).to(dtype)
+        x_other = (tl.load(norm_ptr + other).to(dtype).to(tl.float32)
+                   * (x_other * rstd).to(dtype).to(tl.float32)).to(dtype)
+        rotated = tl.where(d < D // 2, -x_other.to(tl.float32), x_other.to(tl.float32))
+        return (x.to(tl.float32) * cos + rotated * sin).to(dtype).to(tl.float32)
+
+    @triton.jit
+    def decode_attention_kernel(q_ptr, k_ptr, v_ptr, q_norm_ptr, k_norm_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr,
+                                position_ptr, valid_ptr, out_ptr, stride_qb, stride_kb, stride_vb, stride_cb,
+                                stride_cache_b, stride_cache_h, stride_cache_t, stride_valid_b, eps, scale,
+                                HEADS: tl.constexpr, GROUPS: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr):
+        b = tl.program_id(0) // HEADS
+        head = tl.program_id(0) % HEADS
+        kv_head = head // GROUPS
+        dtype = q_ptr.dtype.element_ty
+        d = tl.arange(0, D)
+        cos = tl.load(cos_ptr + b * stride_cb + d).to(tl.float32)
+        sin = tl.load(sin_ptr + b * stride_cb + d).to(tl.float32)
+        q = _norm_rotary(q_ptr + b * stride_qb + head * D, q_norm_ptr, cos, sin, eps, dtype, D)
+        k = _norm_rotary(k_ptr + b * stride_kb + kv_head * D, k_norm_ptr, cos, sin, eps, dtype, D)
+        v = tl.load(v_ptr + b * stride_vb + kv_head * D + d).to(tl.float32)
+        position = tl.load(position_ptr)
+        cache = b * stride_cache_b + kv_head * stride_cache_h
+        if head % GROUPS == 0:  # the group's first head writes its KV head's new row
+            tl.store(keys_ptr + cache + position * stride_cache_t + d, k.to(dtype))
+            tl.store(values_ptr + cache + position * stride_cache_t + d, v.to(dtype))
+        # The new key is always visible to its own query: start the online softmax from it, then fold in the
+        # cached positions before it (the rows this step's write does not touch; later ones are invalid).
+        best = tl.sum(q * k, axis=0) * scale
+        total = tl.full((), 1.0, tl.float32)
+        acc = v
+        for start in range(0, position, BLOCK_T):
+            t = start + tl.arange(0, BLOCK_T)
+            before = t < position
+            visible = before & (tl.load(valid_ptr + b * stride_valid_b + t, mask=before, other=0) != 0)
+            rows = cache + t[:, None] * stride_cache_t + d[None, :]
+            keys = tl.load(keys_ptr + rows, mask=before[:, None], other=0.0).to(tl.float32)
+            scores = tl.where(visible, tl.sum(keys * q[None, :], axis=1) * scale, float("-inf"))
+            new_best = tl.maximum(best, tl.max(scores, axis=0))
+            shrink = tl.exp(best - new_best)
+            weights = tl.exp(scores - new_best)
+            values = tl.load(values_ptr + rows, mask=before[:, None], other=0.0).to(tl.float32)
+            total = total * shrink + tl.sum(weights, axis=0)
+            acc = acc * shrink + tl.sum(weights[:, None] * values, axis=0)
+            best = new_best
+        tl.store(out_ptr + b * HEADS * D + head * D + d, (acc / total).to(dtype))
+
+    return decode_attention_kernel
+
+
+def _rows(t: torch.Tensor, width: int, name: str) -> torch.Tensor:
+    """[B, 1, width] (or any [B, ..., width] of one row per batch entry) with a contiguous last dim, as [B, width]."""
+    if t.shape[-1] != width or t.numel() != t.shape[0] * width or t.stride(-1) != 1:
+        raise ValueError(f"decode_attention needs {name} as one row of {width} per batch entry with a contiguous "
+                         f"last dimension; got shape {tuple(t.shape)} strides {t.stride()}")
+    return t.reshape(t.shape[0], width)
+
+
+def _check(q, k, v, q_norm, k_norm, cos, keys, values, position, valid, heads, kv_heads) -> None:
+    head_dim = keys.shape[-1]
+    if not fits(head_dim) or heads % kv_heads:
+        raise ValueError(f"decode_attention needs a power-of-two head size of at least 16 and query heads a "
+                         f"multiple of KV heads; got head size {head_dim}, {heads} query and {kv_heads} KV heads")
+    batch = q.shape[0]
+    if keys.shape != values.shape or keys.shape[:2] != (batch, kv_heads) or keys.stride(-1) != 1 \
+            or keys.stride() != values.stride():
+        raise ValueError(f"decode_attention needs K and V caches [batch {batch}, {kv_heads} KV heads, T, "
+                         f"{head_dim}] of one layout; got {tuple(keys.shape)} {keys.stride()} and "
+                         f"{tuple(values.shape)} {values.stride()}")
+    if len({q.dtype, k.dtype, v.dtype, keys.dtype, values.dtype}) != 1:
+        raise ValueError("decode_attention needs q, k, v and the caches in one dtype")
+    if q_norm.shape != (head_dim,) or k_norm.shape != (head_dim,):
+        raise ValueError(f"decode_attention needs q/k RMSNorm weights of {head_dim}")
+    if position.numel() != 1 or position.dtype != torch.long:
+        raise ValueError("decode_attention needs the step's position as one long on the device")
+    if valid.shape != (batch, keys.shape[2]) or valid.dtype != torch.bool or valid.stride(-1) != 1:
+        raise ValueError(f"decode_attention needs a [batch, {keys.shape[2]}] bool validity mask; got "
+                         f"{tuple(valid.shape)} {valid.dtype}")
+    _rows(cos, head_dim, "cos")
+
+
+def reference(q, k, v, q_norm, k_norm, eps, cos, sin, keys, values, position, valid, scale, heads, kv_heads):
+    """What ``decode_attention`` computes, in the eager layer's ops (its contract, and its tests' oracle):
+    TextAttention.attend's one-query step against GraphStaticCache in graph mode."""
+    b, d = q.shape[0], keys.shape[-1]
+    q = rms_norm(q.reshape(b, 1, heads, d), q_norm, eps).transpose(1, 2)
+    k = rms_norm(k.reshape(b, 1, kv_heads, d), k_norm, eps).transpose(1, 2)
+    v = v.reshape(b, 1, kv_heads, d).transpose(1, 2)
+    cos, sin = cos.reshape(b, 1, 1, d), sin.reshape(b, 1, 1, d)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    keys.index_copy_(2, position.reshape(1), k)
+    values.index_copy_(2, position.reshape(1), v)
+    out = grouped_softmax_attention(q, keys, values, valid[:, None, None, :], scale)
+    return out.transpose(1, 2).reshape(b, 1, heads * d)
+
+
+if unavailable_reason() is None:  # registered only with Triton (torch looks for the op's kernels at registration)
+
+    @triton_op("qwen3_vl::decode_attention", mutates_args={"keys", "values"})
+    def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm: torch.Tensor,
+                         k_norm: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
+                         values: torch.Tensor, position: torch.Tensor, valid: torch.Tensor, scale: float, heads: int,
+                         kv_heads: int) -> torch.Tensor:
+        """One decode query per batch entry: ``q`` [B, 1, heads * d], ``k`` and ``v`` [B, 1, kv_heads * d]
+        (views of the fused q/k/v product will do: only the last dimension must be contiguous), the q/k
+        RMSNorm weights [d], ``cos``/``sin`` [B, ..., d] of this step's position, the layer's caches
+        ``keys``/``values`` [B, kv_heads, T, d] (written at ``position``, a long [1] on the device) and
+        ``valid`` [B, T] (the step's own position already marked). Returns [B, 1, heads * d]."""
+        _check(q, k, v, q_norm, k_norm, cos, keys, values, position, valid, heads, kv_heads)
+        batch, d = q.shape[0], keys.shape[-1]
+        q2, k2, v2 = _rows(q, heads * d, "q"), _rows(k, kv_heads * d, "k"), _rows(v, kv_heads * d, "v")
+        cos2, sin2 = _rows(cos, d, "cos"), _rows(sin, d, "sin")
+        if cos2.stride() != sin2.stride():
+            raise ValueError("decode_attention needs cos and sin of one layout")
+        out = torch.empty(batch, 1, heads * d, dtype=q.dtype, device=q.device)
+        wrap_triton(_kernel())[(batch * heads,)](
+            q2, k2, v2, q_norm, k_norm, cos2, sin2, keys, values, position, valid, out, q2.stride(0), k2.stride(0),
+            v2.stride(0), cos2.stride(0), keys.stride(0), keys.stride(1), keys.stride(2), valid.stride(0), eps, scale,
+            HEADS=heads, GROUPS=heads // kv_heads, D=d, BLOCK_T=BLOCK_T, num_warps=4)
+        return out
+
+else:
+
+    def decode_attention(q, k, v, q_norm, k_norm, eps, cos, sin, keys, values, position, valid, scale, heads,
+                         kv_heads) -> torch.Tensor:
+        raise RuntimeError(f"the Triton decode attention cannot run: {unavailable_reason()}")
