@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything this project checks and times on a GPU, in stages, for the device tool:
 #   bash scripts/gpu_run.sh STAGE [STAGE ...]     (stages: setup exact bench2b bench8b attention
-#                                                  ttft2b ttft2b-prefill attention-pascal memory pascal
+#                                                  ttft2b decode2b ttft2b-prefill attention-pascal memory pascal
 #                                                  prefill-profile decode-profile decode-profile-8b gemv-forms
 #                                                  vision harness)
 # Results go to a results store under $OUT (packed as one tarball, since few files come back),
@@ -54,6 +54,12 @@ for s in "$@"; do
               --plan "attention=sdpa,kv_cache=static,execution=compile[host_choice=true]" \
               --plan "attention=sdpa,kv_cache=static,execution=compile[fold=true]" \
               --plan attention=sdpa,kv_cache=static,execution=compile ;;
+    decode2b) stage decode2b 400 python -m harness.bench --preset 2b --device cuda --dtype bf16 --compare transformers \
+                --transformers-paths static --rounds 3 --results-dir "$RES" \
+                --plan attention=sdpa,kv_cache=static,execution=compile \
+                --plan "attention=sdpa,kv_cache=static,execution=compile[fold=true]" \
+                --plan "attention=sdpa,kv_cache=static,execution=compile[attend=true]" \
+                --plan "attention=sdpa,kv_cache=static,execution=compile[attend=true;fold=true]" ;;
     ttft2b-prefill) stage ttft2b-prefill 540 python -m harness.bench --preset 2b --device cuda --dtype bf16 \
                       --compare transformers --transformers-paths sdpa --rounds 3 --new-tokens 32 \
                       --results-dir "$RES" \
