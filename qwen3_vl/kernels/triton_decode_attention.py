@@ -86,17 +86,19 @@ def _kernel():
         best = tl.sum(q * k, axis=0) * scale
         total = tl.full((), 1.0, tl.float32)
         acc = v
-        for start in range(0, position, BLOCK_T):
+        # The tile's K, V and validity are loaded together (V does not wait on the scores), and the next tile's
+        # while this one is reduced (num_stages): one HBM round trip per tile, not three in a row.
+        for start in tl.range(0, position, BLOCK_T, num_stages=2):
             t = start + tl.arange(0, BLOCK_T)
             before = t < position
-            visible = before & (tl.load(valid_ptr + b * stride_valid_b + t, mask=before, other=0) != 0)
             rows = cache + t[:, None] * stride_cache_t + d[None, :]
             keys = tl.load(keys_ptr + rows, mask=before[:, None], other=0.0).to(tl.float32)
+            values = tl.load(values_ptr + rows, mask=before[:, None], other=0.0).to(tl.float32)
+            visible = before & (tl.load(valid_ptr + b * stride_valid_b + t, mask=before, other=0) != 0)
             scores = tl.where(visible, tl.sum(keys * q[None, :], axis=1) * scale, float("-inf"))
             new_best = tl.maximum(best, tl.max(scores, axis=0))
             shrink = tl.exp(best - new_best)
             weights = tl.exp(scores - new_best)
-            values = tl.load(values_ptr + rows, mask=before[:, None], other=0.0).to(tl.float32)
             total = total * shrink + tl.sum(weights, axis=0)
             acc = acc * shrink + tl.sum(weights[:, None] * values, axis=0)
             best = new_best
