@@ -176,6 +176,9 @@ class Choice:
             raise PlanError(f"cannot parse option '{text}': expected name or name[key=value;...]")
         name, body = match.groups()
         params = []
+        if body and re.search(r",\s*[a-z_][a-z0-9_]*\s*=", body):
+            raise PlanError(f"cannot parse option '{text}': an option's parameters are separated by ';', not ',' "
+                            f"(e.g. {name}[a=1;b=2])")
         if body:
             for item in body.split(";"):
                 if "=" not in item:

@@ -43,6 +43,7 @@ def test_choice_parameters_round_trip():
     ("attention=fast", "unknown option 'fast' for axis 'attention'; options are: eager"),
     ("attention=eager[tile=4]", r"attention=eager has no parameter 'tile' \(parameters: none\)"),
     ("execution=compile[gemv=False]", "execution=compile parameter 'gemv' takes true or false; got 'False'"),
+    ("execution=compile[fold=true,gemv=false]", r"separated by .;., not .,. \(e.g. compile\[a=1;b=2\]\)"),
     ("execution=compile[bucket=2.5]", "execution=compile parameter 'bucket' takes an integer; got '2.5'"),
     ("attention", "expected axis=option"),
     ("attention=eager,attention=eager", "given twice"),
