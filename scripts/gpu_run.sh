@@ -83,7 +83,8 @@ for s in "$@"; do
     prefill-profile) stage prefill-profile 300 python scripts/gpu_prefill_profile.py ;;
     decode-profile) stage decode-profile 540 python scripts/gpu_decode_profile.py \
                       --plan attention=sdpa,kv_cache=static,execution=compile \
-                      --plan "attention=sdpa,kv_cache=static,execution=compile[fold=true]" ;;
+                      --plan "attention=sdpa,kv_cache=static,execution=compile[fold=true]" \
+                      --plan "attention=sdpa,kv_cache=static,execution=compile[attend=true;fold=true]" ;;
     decode-profile-8b) stage decode-profile-8b 540 python scripts/gpu_decode_profile.py --preset 8b --rounds 3 \
                          --gemv-tile 1,2048,8 --plan "attention=sdpa,kv_cache=static,execution=compile[gemv=false]" \
                          --plan attention=sdpa,kv_cache=static,execution=compile ;;
