@@ -323,6 +323,27 @@ class Fallback:
         return f"{self.axis}: {self.requested} -> {self.used} ({self.reason})"
 
 
+def failure_text(exc: BaseException, limit: int = 2000) -> str:
+    """``Type: message`` of an exception that made an option fall back at run time, as ``describe()`` and the
+    warning show it: the whole message where it fits in ``limit`` characters, else its first line and as many of
+    its last lines as fit (an Inductor compile worker's error says only "An exception occurred in a subprocess"
+    on its first line; the cause is at the end)."""
+    text = str(exc).strip()
+    whole = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    if len(whole) <= limit:
+        return whole
+    first, *rest = text.splitlines()
+    head = f"{type(exc).__name__}: {first[:limit // 2]}\n...\n"
+    tail: list[str] = []
+    room = limit - len(head)
+    for line in reversed(rest):
+        if len(line) + 1 > room:
+            break
+        tail.insert(0, line)
+        room -= len(line) + 1
+    return head + "\n".join(tail)
+
+
 def conflicts_of(plan: Plan) -> list[str]:
     """Human-readable reasons why the plan's options cannot be combined (empty when fine)."""
     from qwen3_vl.optim.registry import get

@@ -118,3 +118,14 @@ def test_every_registered_option_is_well_formed():
             registry.get(axis, name)
         for variant in opt.variants:
             assert set(variant) <= set(opt.defaults), (opt.name, variant)
+
+
+def test_failure_text_keeps_the_cause_at_the_end_of_a_long_message():
+    from qwen3_vl.optim.plan import failure_text
+
+    assert failure_text(ValueError("short\nmessage")) == "ValueError: short\nmessage"
+    assert failure_text(KeyError()) == "KeyError"
+    long = RuntimeError("\n".join(["generic first line", *("x" * 50 for _ in range(100)), "the cause"]))
+    text = failure_text(long, limit=300)
+    assert len(text) <= 300
+    assert text.startswith("RuntimeError: generic first line\n...\n") and text.endswith("\nthe cause")

@@ -32,7 +32,7 @@ from qwen3_vl.optim.execution.fusion import fuse_projections
 from qwen3_vl.optim.execution.prefill_graph import PrefillGraphs
 from qwen3_vl.optim.kv_cache.common import KVShape
 from qwen3_vl.optim.kv_cache.static import StaticCache
-from qwen3_vl.optim.plan import Optimization, Requirements, Target
+from qwen3_vl.optim.plan import Optimization, Requirements, Target, failure_text
 
 
 class GraphStaticCache(StaticCache):
@@ -282,7 +282,7 @@ class CudaGraphExecution:
             try:
                 self.captured = CapturedStep(model, cache, self.compile_step, self.capture)
             except Exception as exc:  # recorded and visible in describe(); this model decodes eagerly
-                self.capture_error = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+                self.capture_error = failure_text(exc)
                 cache.graph_mode = False
                 warnings.warn(f"{self.name}: capturing the decode step failed, decoding eagerly: "
                               f"{self.capture_error}", RuntimeWarning, stacklevel=2)

@@ -31,6 +31,7 @@ import torch
 from qwen3_vl.generate import Prompt
 from qwen3_vl.model.qwen3_vl import visual_inputs
 from qwen3_vl.model.text import AttentionMask
+from qwen3_vl.optim.plan import failure_text
 
 
 class _Entry:
@@ -157,7 +158,7 @@ class PrefillGraphs:
         try:
             entry = _Entry(forward, host, model.device, grids, reset, capture, self.pool, first)
         except Exception as exc:  # kept and shown in describe(); this shape prefills eagerly from now on
-            self.failed[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            self.failed[key] = failure_text(exc)
             reset()
             entry = _Entry(forward, host, model.device, grids, reset, False, None)
         self.counts["captured" if entry.graph is not None else "run"] += 1

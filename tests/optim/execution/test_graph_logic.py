@@ -260,3 +260,24 @@ def test_a_compiled_prefill_keeps_the_reference_tokens_and_logits(tiny_checkpoin
     prefill = model.execution.describe()["prefill"]
     assert prefill["compiled"] and prefill["shapes"] == 1 and prefill["counts"] == {"run": 2}
     assert counters["stats"]["unique_graphs"] > 0  # Inductor compiled it (the decode step is not compiled here)
+
+
+def test_a_failed_capture_decodes_eagerly_and_keeps_the_cause(tiny_checkpoint, ours_tiny, monkeypatch):
+    """A decode step that cannot be captured (here: a compile worker's error, whose first line says nothing)
+    falls back to the eager loop with the reference's tokens; the warning and ``describe()`` keep the cause from
+    the message's end."""
+    detail = "\n".join(["An exception occurred in a subprocess:", "", "Name=kernel_0", "Traceback ...",
+                        *[f'  File "x.py", line {i}' for i in range(400)], "CompilationError: at 12:4: bad load"])
+
+    def failing_step(*args, **kwargs):
+        raise RuntimeError(detail)
+
+    monkeypatch.setattr(cuda_graph, "CapturedStep", failing_step)
+    model = graph_model(tiny_checkpoint, bucket=16)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    kw = dict(max_new_tokens=6, eos_token_id=[])
+    with pytest.warns(RuntimeWarning, match="(?s)capturing the decode step failed.*CompilationError: at 12:4"):
+        assert torch.equal(model.generate(ids, **kw), ours_tiny.generate(ids, **kw))
+    error = model.execution.describe()["capture_error"]
+    assert error.startswith("RuntimeError: An exception occurred in a subprocess:")
+    assert error.endswith("CompilationError: at 12:4: bad load") and len(error) <= 2000
