@@ -73,6 +73,21 @@ class Engine:
     step_bytes: int | None = None  # what a decode step reads (None: the text weights at the dtype's size)
 
 
+def not_as_planned(engine: Engine) -> str | None:
+    """Why one of our engines did not run as its plan says, though it produced tokens: its decode step or a
+    prompt's prefill could not be captured and ran eagerly instead (``describe()`` keeps the cause). Its times
+    are then the fallback's, not the option's, so they are stored as a failure of the option."""
+    if engine.model is None:
+        return None
+    info = engine.model.execution.describe()
+    if info.get("capture_error"):
+        return f"{info['option']}: the decode step was not captured and decoded eagerly: {info['capture_error']}"
+    failed = info.get("prefill", {}).get("capture_errors")
+    if failed:
+        return f"{info['option']}: a prefill was not captured and ran eagerly: {failed[0]}"
+    return None
+
+
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 10) -> float:
     """Bytes read + written per second by a device-to-device (or RAM-to-RAM) tensor copy."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
@@ -352,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     first = engines[0]
     for engine in engines:
         t1, tn = timed_first[engine.label], timed_full[engine.label]
-        error = t1.error or tn.error
+        error = t1.error or tn.error or not_as_planned(engine)
         measurements = []
         if not error:
             ttft = statistics.median(t1.clock.samples)

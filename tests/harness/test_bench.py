@@ -77,3 +77,22 @@ def test_a_plan_that_cannot_be_built_here_is_skipped_with_its_reason(tmp_path, c
     assert "skipped execution=cpu_packed[kernel=nope]: cpu_packed kernel 'nope' unknown" in capsys.readouterr().err
     assert set(results.load(tmp_path / "r").case) == {"reference", "floor"}
     assert bench.main([*argv[:-4], "--plan", "execution=cpu_packed[kernel=nope]"]) == 2
+
+
+def test_an_engine_whose_capture_failed_is_stored_as_failed_not_as_the_options_speed(tmp_path, monkeypatch, capsys):
+    """A graph option that fell back to eager decoding at run time (here: the eager option made to report a failed
+    capture) produces tokens, but its times are the fallback's: its rows are stored as failed with the cause."""
+    from qwen3_vl.optim.execution.eager import EagerExecution
+
+    monkeypatch.setattr(EagerExecution, "describe",
+                        lambda self: {"option": "eager", "capture_error": "InductorError: the cause"})
+    argv = ["--preset", "tiny", "--device", "cpu", "--threads", "1", "--rounds", "1", "--warmup", "0",
+            "--new-tokens", "4", "--image-size", "0", "--prompt-tokens", "8", "--results-dir", str(tmp_path / "r"),
+            "--plan", "reference", "--plan", "attention=sdpa,kv_cache=static,execution=cpu_packed"]
+    assert bench.main(argv) == 0
+    df = results.load(tmp_path / "r")
+    ref = df[df.case == "reference"]
+    assert set(ref.status) == {"failed"} and set(ref.metric) == {"decode_ms_per_token"}
+    assert ref.error.iloc[0] == "eager: the decode step was not captured and decoded eagerly: InductorError: the cause"
+    assert set(df[df.case == PLANS[1]].status) == {"ok"}
+    assert "the decode step was not captured" in capsys.readouterr().out
