@@ -73,13 +73,14 @@ class Engine:
     step_bytes: int | None = None  # what a decode step reads (None: the text weights at the dtype's size)
 
 
-def not_as_planned(engine: Engine) -> str | None:
-    """Why one of our engines did not run as its plan says, though it produced tokens: its decode step or a
-    prompt's prefill could not be captured and ran eagerly instead (``describe()`` keeps the cause). Its times
-    are then the fallback's, not the option's, so they are stored as a failure of the option."""
-    if engine.model is None:
+def not_as_planned(model) -> str | None:
+    """Why our model did not run as its plan says, though it produced tokens: its decode step or a prompt's
+    prefill could not be captured and ran eagerly instead (``describe()`` keeps the cause). Its times are then
+    the fallback's, not the option's, so the bench stores them as a failure of the option. None for other
+    engines' models (None)."""
+    if model is None:
         return None
-    info = engine.model.execution.describe()
+    info = model.execution.describe()
     if info.get("capture_error"):
         return f"{info['option']}: the decode step was not captured and decoded eagerly: {info['capture_error']}"
     failed = info.get("prefill", {}).get("capture_errors")
@@ -367,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     first = engines[0]
     for engine in engines:
         t1, tn = timed_first[engine.label], timed_full[engine.label]
-        error = t1.error or tn.error or not_as_planned(engine)
+        error = t1.error or tn.error or not_as_planned(engine.model)
         measurements = []
         if not error:
             ttft = statistics.median(t1.clock.samples)
