@@ -76,8 +76,8 @@ class Engine:
 def not_as_planned(model) -> str | None:
     """Why our model did not run as its plan says, though it produced tokens: its decode step or a prompt's
     prefill could not be captured and ran eagerly instead (``describe()`` keeps the cause). Its times are then
-    the fallback's, not the option's, so the bench stores them as a failure of the option. None for other
-    engines' models (None)."""
+    the fallback's, not the option's, so the bench stores them as a failure of the option. ``model`` is None for
+    other projects' engines."""
     if model is None:
         return None
     info = model.execution.describe()

@@ -158,6 +158,5 @@ OPTION = Optimization(
     needs=NEEDS,
     fallback="cuda_graph",
     defaults={"fuse": True, "bucket": 256, "prefill_graphs": 8, "prefill_bucket": 64, "gemv": True,
-              "host_choice": False, "fold": False, "prefill_compile": False,
-              "attend": False},
+              "host_choice": False, "fold": False, "prefill_compile": False, "attend": False},
 )
