@@ -24,6 +24,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 from qwen3_vl.kernels import triton_decode_attention, triton_gemv
+from qwen3_vl.optim.plan import failure_text
 
 BF16 = "*bf16"
 ATTENTION_ARGS = {**dict.fromkeys(["q_ptr", "k_ptr", "v_ptr", "q_norm_ptr", "k_norm_ptr", "cos_ptr", "sin_ptr",
@@ -41,8 +42,8 @@ def forms() -> list[tuple[str, object, dict, dict, int]]:
     rows, block_k, warps = triton_gemv.tile(2048, 2048)
     gemv = [(f"gemv {label}", triton_gemv._kernel(), GEMV_ARGS,
              dict(BLOCK_N=rows, BLOCK_K=block_k, NORM=norm, GATED=gated, RESIDUAL=residual), warps)
-            for label, norm, gated, residual in [("plain", False, False, False), ("norm (q/k/v, gate/up)", True, False,
-                                                                                   False),
+            for label, norm, gated, residual in [("plain", False, False, False),
+                                                 ("norm (q/k/v, gate/up)", True, False, False),
                                                  ("residual (o_proj)", False, False, True),
                                                  ("gated+residual (down)", False, True, True)]]
     attention = ("decode_attention 16 heads / 8 KV, d 128", triton_decode_attention._kernel(), ATTENTION_ARGS,
@@ -84,7 +85,7 @@ def main() -> int:
                 compiled = compile_form(kernel, types, constexprs, warps, args.arch)
             except Exception as exc:  # one form failing does not hide the others
                 failed += 1
-                print(f"FAIL {label}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+                print(f"FAIL {label}: {failure_text(exc)}")
                 continue
             ptx = compiled.asm["ptx"]
             loads = {kind: len(re.findall(pattern, ptx)) for kind, pattern in

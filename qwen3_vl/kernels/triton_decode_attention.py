@@ -115,7 +115,7 @@ def _rows(t: torch.Tensor, width: int, name: str) -> torch.Tensor:
     return t.reshape(t.shape[0], width)
 
 
-def _check(q, k, v, q_norm, k_norm, cos, keys, values, position, valid, heads, kv_heads) -> None:
+def _check(q, k, v, q_norm, k_norm, keys, values, position, valid, heads, kv_heads) -> None:
     head_dim = keys.shape[-1]
     if not fits(head_dim) or heads % kv_heads:
         raise ValueError(f"decode_attention needs a power-of-two head size of at least 16 and query heads a "
@@ -135,7 +135,6 @@ def _check(q, k, v, q_norm, k_norm, cos, keys, values, position, valid, heads, k
     if valid.shape != (batch, keys.shape[2]) or valid.dtype != torch.bool or valid.stride(-1) != 1:
         raise ValueError(f"decode_attention needs a [batch, {keys.shape[2]}] bool validity mask; got "
                          f"{tuple(valid.shape)} {valid.dtype}")
-    _rows(cos, head_dim, "cos")
 
 
 def reference(q, k, v, q_norm, k_norm, eps, cos, sin, keys, values, position, valid, scale, heads, kv_heads):
@@ -165,7 +164,7 @@ if unavailable_reason() is None:  # registered only with Triton (torch looks for
         RMSNorm weights [d], ``cos``/``sin`` [B, ..., d] of this step's position, the layer's caches
         ``keys``/``values`` [B, kv_heads, T, d] (written at ``position``, a long [1] on the device) and
         ``valid`` [B, T] (the step's own position already marked). Returns [B, 1, heads * d]."""
-        _check(q, k, v, q_norm, k_norm, cos, keys, values, position, valid, heads, kv_heads)
+        _check(q, k, v, q_norm, k_norm, keys, values, position, valid, heads, kv_heads)
         batch, d = q.shape[0], keys.shape[-1]
         q2, k2, v2 = _rows(q, heads * d, "q"), _rows(k, kv_heads * d, "k"), _rows(v, kv_heads * d, "v")
         cos2, sin2 = _rows(cos, d, "cos"), _rows(sin, d, "sin")
