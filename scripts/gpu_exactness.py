@@ -54,7 +54,9 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--plan", action="append", help="check only these plans (repeatable; default: all of PLANS)")
     args = parser.parse_args()
+    plans = args.plan or PLANS
     config, device, ok = preset(args.preset), "cuda", True
     weights = hf_state_dict(qwen3_vl.build(config, None, device=device, seed=7), to_cpu=False)
     inputs = {k: v.to(device) for k, v in bench_prompt(config, 224, 80).items()}
@@ -64,7 +66,7 @@ def main() -> int:
     others = [{k: v.to(device) for k, v in bench_prompt(config, 224, 90, seed=1).items()},
               {"input_ids": torch.randint(0, 1000, (1, 37), generator=torch.Generator().manual_seed(2)).to(device)}]
     references = [run(ref32, prompt, args.tokens) for prompt in others]
-    for plan in PLANS:
+    for plan in plans:
         model = qwen3_vl.build(config, weights, dtype="fp32", device=device, plan=plan)
         tokens, steps = run(model, inputs, args.tokens)
         same = bool(torch.equal(tokens, ref_tokens))
@@ -88,7 +90,7 @@ def main() -> int:
         print(f"{'ok  ' if graphed else 'FAIL'} fp32 {plan:58} prefill graphs: {model.execution.describe()['prefill']}")
     ref16 = qwen3_vl.build(config, weights, dtype="bf16", device=device)
     tok16, steps16 = run(ref16, inputs, args.tokens)
-    for plan in PLANS:
+    for plan in plans:
         model = qwen3_vl.build(config, weights, dtype="bf16", device=device, plan=plan)
         tokens, steps = run(model, inputs, args.tokens)
         agree = int((tokens == ref_tokens).all(0).cumprod(0).sum()) if tokens.shape == ref_tokens.shape else 0

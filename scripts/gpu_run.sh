@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything this project checks and times on a GPU, in stages, for the device tool:
-#   bash scripts/gpu_run.sh STAGE [STAGE ...]     (stages: setup exact bench2b bench8b attention
+#   bash scripts/gpu_run.sh STAGE [STAGE ...]     (stages: setup exact exact-attend bench2b bench8b attention
 #                                                  ttft2b decode2b ttft2b-prefill attention-pascal memory pascal
 #                                                  prefill-profile decode-profile decode-profile-8b gemv-forms
 #                                                  vision harness)
@@ -42,6 +42,9 @@ for s in "$@"; do
         transformers.__version__, pandas.__version__, pyarrow.__version__, torch.cuda.get_device_name())";
         nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv' ;;
     exact) stage exact 180 python scripts/gpu_exactness.py ;;
+    exact-attend) stage exact-attend 120 python scripts/gpu_exactness.py \
+                    --plan "attention=sdpa,kv_cache=static,execution=compile[attend=true]" \
+                    --plan "attention=sdpa,kv_cache=static,execution=compile[fold=true;attend=true]" ;;
     bench2b) stage bench2b 400 python -m harness.bench --preset 2b --device cuda --dtype bf16 --compare transformers \
                --rounds 2 --results-dir "$RES" --plan reference \
                --plan attention=eager,kv_cache=static,execution=cuda_graph \
@@ -54,12 +57,10 @@ for s in "$@"; do
               --plan "attention=sdpa,kv_cache=static,execution=compile[host_choice=true]" \
               --plan "attention=sdpa,kv_cache=static,execution=compile[fold=true]" \
               --plan attention=sdpa,kv_cache=static,execution=compile ;;
-    decode2b) stage decode2b 400 python -m harness.bench --preset 2b --device cuda --dtype bf16 --compare transformers \
+    decode2b) stage decode2b 320 python -m harness.bench --preset 2b --device cuda --dtype bf16 --compare transformers \
                 --transformers-paths static --rounds 3 --results-dir "$RES" \
                 --plan attention=sdpa,kv_cache=static,execution=compile \
-                --plan "attention=sdpa,kv_cache=static,execution=compile[fold=true]" \
-                --plan "attention=sdpa,kv_cache=static,execution=compile[attend=true]" \
-                --plan "attention=sdpa,kv_cache=static,execution=compile[attend=true;fold=true]" ;;
+                --plan "attention=sdpa,kv_cache=static,execution=compile[attend=true]" ;;
     ttft2b-prefill) stage ttft2b-prefill 540 python -m harness.bench --preset 2b --device cuda --dtype bf16 \
                       --compare transformers --transformers-paths sdpa --rounds 3 --new-tokens 32 \
                       --results-dir "$RES" \

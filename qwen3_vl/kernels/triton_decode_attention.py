@@ -66,6 +66,10 @@ def _kernel():
                                 position_ptr, valid_ptr, out_ptr, stride_qb, stride_kb, stride_vb, stride_cb,
                                 stride_cache_b, stride_cache_h, stride_cache_t, stride_valid_b, eps, scale,
                                 HEADS: tl.constexpr, GROUPS: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr):
+        # Inductor passes Python float arguments as fp64 scalars (Triton's own launcher as fp32): fp64 here would
+        # make the online softmax's loop-carried sums fp64, which Triton refuses. Compute in fp32 either way.
+        eps = tl.cast(eps, tl.float32)
+        scale = tl.cast(scale, tl.float32)
         b = tl.program_id(0) // HEADS
         head = tl.program_id(0) % HEADS
         kv_head = head // GROUPS

@@ -71,7 +71,8 @@ def _kernel():
             for start in range(0, k, BLOCK_K):
                 x = tl.load(x_ptr + start + tl.arange(0, BLOCK_K)).to(tl.float32)
                 squares += x * x
-            rstd = tl.rsqrt(tl.sum(squares, axis=0) / k + eps)
+            # eps in fp32 whatever the launcher typed it: Inductor passes Python floats as fp64 scalars
+            rstd = tl.rsqrt(tl.sum(squares, axis=0) / k + tl.cast(eps, tl.float32))
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for start in range(0, k, BLOCK_K):
             cols = start + tl.arange(0, BLOCK_K)
