@@ -66,10 +66,9 @@ for s in "$@"; do
                       --results-dir "$RES" \
                       --plan attention=sdpa,kv_cache=static,execution=compile \
                       --plan "attention=sdpa,kv_cache=static,execution=compile[prefill_compile=true]" ;;
-    bench8b) stage bench8b 330 python -m harness.bench --preset 8b --device cuda --dtype bf16 --compare transformers \
+    bench8b) stage bench8b 290 python -m harness.bench --preset 8b --device cuda --dtype bf16 --compare transformers \
                --transformers-paths static --rounds 2 --new-tokens 64 --results-dir "$RES" \
-               --plan attention=sdpa,kv_cache=static,execution=compile \
-               --plan "attention=sdpa,kv_cache=static,execution=compile[attend=true]" ;;
+               --plan attention=sdpa,kv_cache=static,execution=compile ;;
     attention) stage attention 170 python -m harness.bench_attention --preset 2b --device cuda --dtype bf16 \
                  --results-dir "$RES" ;;
     memory) stage memory 420 python -m suites.bench_memory_quant --device cuda --dtype fp16 --parts offload,decode,kv \
@@ -82,10 +81,9 @@ for s in "$@"; do
     attention-pascal) stage attention-pascal 150 python -m harness.bench_attention --preset 2b --device cuda \
                         --dtype fp16 --emulate sm61-laptop --results-dir "$RES" ;;
     prefill-profile) stage prefill-profile 300 python scripts/gpu_prefill_profile.py ;;
-    decode-profile) stage decode-profile 540 python scripts/gpu_decode_profile.py \
+    decode-profile) stage decode-profile 290 python scripts/gpu_decode_profile.py --rounds 3 \
                       --plan attention=sdpa,kv_cache=static,execution=compile \
-                      --plan "attention=sdpa,kv_cache=static,execution=compile[fold=true]" \
-                      --plan "attention=sdpa,kv_cache=static,execution=compile[attend=true;fold=true]" ;;
+                      --plan "attention=sdpa,kv_cache=static,execution=compile[attend=true]" ;;
     decode-profile-8b) stage decode-profile-8b 540 python scripts/gpu_decode_profile.py --preset 8b --rounds 3 \
                          --gemv-tile 1,2048,8 --plan "attention=sdpa,kv_cache=static,execution=compile[gemv=false]" \
                          --plan attention=sdpa,kv_cache=static,execution=compile ;;
