@@ -42,9 +42,8 @@ for s in "$@"; do
         transformers.__version__, pandas.__version__, pyarrow.__version__, torch.cuda.get_device_name())";
         nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv' ;;
     exact) stage exact 180 python scripts/gpu_exactness.py ;;
-    exact-attend) stage exact-attend 120 python scripts/gpu_exactness.py \
-                    --plan "attention=sdpa,kv_cache=static,execution=compile[attend=true]" \
-                    --plan "attention=sdpa,kv_cache=static,execution=compile[fold=true;attend=true]" ;;
+    exact-attend) stage exact-attend 70 python scripts/gpu_exactness.py \
+                    --plan "attention=sdpa,kv_cache=static,execution=compile[attend=true]" ;;
     bench2b) stage bench2b 400 python -m harness.bench --preset 2b --device cuda --dtype bf16 --compare transformers \
                --rounds 2 --results-dir "$RES" --plan reference \
                --plan attention=eager,kv_cache=static,execution=cuda_graph \
@@ -57,7 +56,7 @@ for s in "$@"; do
               --plan "attention=sdpa,kv_cache=static,execution=compile[host_choice=true]" \
               --plan "attention=sdpa,kv_cache=static,execution=compile[fold=true]" \
               --plan attention=sdpa,kv_cache=static,execution=compile ;;
-    decode2b) stage decode2b 320 python -m harness.bench --preset 2b --device cuda --dtype bf16 --compare transformers \
+    decode2b) stage decode2b 230 python -m harness.bench --preset 2b --device cuda --dtype bf16 --compare transformers \
                 --transformers-paths static --rounds 3 --results-dir "$RES" \
                 --plan attention=sdpa,kv_cache=static,execution=compile \
                 --plan "attention=sdpa,kv_cache=static,execution=compile[attend=true]" ;;

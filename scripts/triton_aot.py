@@ -29,10 +29,11 @@ from qwen3_vl.optim.plan import failure_text
 BF16 = "*bf16"
 ATTENTION_ARGS = {**dict.fromkeys(["q_ptr", "k_ptr", "v_ptr", "q_norm_ptr", "k_norm_ptr", "cos_ptr", "sin_ptr",
                                    "keys_ptr", "values_ptr"], BF16),
-                  "position_ptr": "*i64", "valid_ptr": "*i1", "out_ptr": BF16,
+                  "position_ptr": "*i64", "valid_ptr": "*i1", "stats_ptr": "*fp32", "partial_ptr": "*fp32",
                   **dict.fromkeys(["stride_qb", "stride_kb", "stride_vb", "stride_cb", "stride_cache_b",
                                    "stride_cache_h", "stride_cache_t", "stride_valid_b"], "i32"),
                   "eps": "fp64", "scale": "fp64"}  # fp64: how Inductor types a Python float argument
+COMBINE_ARGS = {"stats_ptr": "*fp32", "partial_ptr": "*fp32", "out_ptr": BF16}
 GEMV_ARGS = {**dict.fromkeys(["x_ptr", "w_ptr", "out_ptr", "norm_ptr", "res_ptr"], BF16), "n": "i32", "k": "i32",
              "stride_w": "i32", "eps": "fp64"}
 
@@ -46,9 +47,12 @@ def forms() -> list[tuple[str, object, dict, dict, int]]:
                                                  ("norm (q/k/v, gate/up)", True, False, False),
                                                  ("residual (o_proj)", False, False, True),
                                                  ("gated+residual (down)", False, True, True)]]
-    attention = ("decode_attention 16 heads / 8 KV, d 128", triton_decode_attention._kernel(), ATTENTION_ARGS,
-                 dict(HEADS=16, GROUPS=2, D=128, BLOCK_T=triton_decode_attention.BLOCK_T), 4)
-    return [*gemv, attention]
+    split, combine = triton_decode_attention._kernels()
+    count, tiles = triton_decode_attention.splits(512)  # a 2b step's cache at the benchmark's prompt
+    attention = [("decode_attention split, 16 heads / 8 KV, d 128", split, ATTENTION_ARGS,
+                  dict(HEADS=16, GROUPS=2, D=128, BLOCK_T=triton_decode_attention.BLOCK_T, TILES=tiles), 4),
+                 ("decode_attention combine", combine, COMBINE_ARGS, dict(SPLITS=count, SPLITS_P2=count, D=128), 4)]
+    return [*gemv, *attention]
 
 
 def compile_form(kernel, args: dict, constexprs: dict, warps: int, arch: int):

@@ -1,12 +1,14 @@
-"""A decode step's text attention in one Triton kernel, for the compiled GPU decode step.
+"""A decode step's text attention in two Triton kernels, for the compiled GPU decode step.
 
-Why: in the compiled 2b step (H200, 2026-12-04 profile) a layer's attention between its q/k/v product and
-``o_proj`` is about five launches (the q/k RMSNorms with M-RoPE, the two cache writes, the scores product,
-the masked softmax, the value product), each a few microseconds of mostly launch latency over a few hundred
-kilobytes. Here one program per query head does all of it: RMSNorm and rotary of its query and of its KV
-head's new key, the new key and value written into the layer's cache at the step's device-side position
-(by the group's first head), and softmax attention of the query over the cached keys up to that position
-(online softmax in fp32, one pass over K and V) plus its own new key.
+Why: in the compiled 2b step a layer's attention between its q/k/v product and ``o_proj`` is six launches
+(the q/k RMSNorms with M-RoPE, the cache writes, the scores product, the masked softmax, the value product):
+15.3 us a layer on the H100 (2026-12-07 profile), mostly latency over a few hundred kilobytes. Here a split
+kernel does all of it but the last sum: each program takes one query head and one slice of the cached
+positions (flash-decoding), normalises and rotates the query and its KV head's new key, writes the new key and
+value into the layer's cache at the step's device-side position (the first slice of the group's first head),
+and runs an online softmax in fp32 over its slice (the first slice also over the new key). A combine kernel
+rescales the slices' partials to their common max and sums them. The first form, one program per query head
+walking the whole cache, took 16.2 us a layer: 16 programs on 132 SMs, each a chain of dependent tile loads.
 
 The same function as ``reference`` (the eager ops: ``rms_norm``, ``apply_rotary``, the cache's
 ``index_copy_``, ``grouped_softmax_attention`` with the validity mask) up to float reassociation in fp32.
@@ -31,6 +33,7 @@ from qwen3_vl.model.layers import apply_rotary, rms_norm
 from qwen3_vl.optim.attention.eager import grouped_softmax_attention
 
 BLOCK_T = 64  # cached positions per tile: a 64 x 128 bf16 tile of K or V is 16 KB per load
+MAX_SPLITS = 64  # programs per query head at most; longer caches give each program more tiles
 
 
 def fits(head_dim: int) -> bool:
@@ -38,8 +41,17 @@ def fits(head_dim: int) -> bool:
     return head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
+def splits(cache_len: int) -> tuple[int, int]:
+    """(programs per query head, tiles each) for a cache of ``cache_len`` rows: one tile each up to
+    ``MAX_SPLITS`` programs, more tiles each past it. Fixed by the cache's capacity, not the step's position,
+    so a captured graph's launch fits every position (programs past the position end at once)."""
+    tiles = -(-cache_len // BLOCK_T)
+    per_split = -(-tiles // MAX_SPLITS)
+    return -(-tiles // per_split), per_split
+
+
 @functools.cache
-def _kernel():
+def _kernels():
     # Built on first use: Triton reads TRITON_INTERPRET when a kernel is defined. The helper is bound at module
     # level because Triton resolves a kernel's callees through its globals (its interpreter drops closures).
     global _norm_rotary
@@ -62,16 +74,22 @@ def _kernel():
         return (x.to(tl.float32) * cos + rotated * sin).to(dtype).to(tl.float32)
 
     @triton.jit
-    def decode_attention_kernel(q_ptr, k_ptr, v_ptr, q_norm_ptr, k_norm_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr,
-                                position_ptr, valid_ptr, out_ptr, stride_qb, stride_kb, stride_vb, stride_cb,
-                                stride_cache_b, stride_cache_h, stride_cache_t, stride_valid_b, eps, scale,
-                                HEADS: tl.constexpr, GROUPS: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr):
+    def decode_attention_split_kernel(q_ptr, k_ptr, v_ptr, q_norm_ptr, k_norm_ptr, cos_ptr, sin_ptr, keys_ptr,
+                                      values_ptr, position_ptr, valid_ptr, stats_ptr, partial_ptr, stride_qb,
+                                      stride_kb, stride_vb, stride_cb, stride_cache_b, stride_cache_h,
+                                      stride_cache_t, stride_valid_b, eps, scale, HEADS: tl.constexpr,
+                                      GROUPS: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr,
+                                      TILES: tl.constexpr):
+        # Program (b * HEADS + head, split): the online softmax of one query head over TILES tiles of the cached
+        # positions, left as a partial (running max, sum of weights, weighted sum of values) for the combine.
         # Inductor passes Python float arguments as fp64 scalars (Triton's own launcher as fp32): fp64 here would
         # make the online softmax's loop-carried sums fp64, which Triton refuses. Compute in fp32 either way.
         eps = tl.cast(eps, tl.float32)
         scale = tl.cast(scale, tl.float32)
-        b = tl.program_id(0) // HEADS
-        head = tl.program_id(0) % HEADS
+        row = tl.program_id(0)
+        split = tl.program_id(1)
+        b = row // HEADS
+        head = row % HEADS
         kv_head = head // GROUPS
         dtype = q_ptr.dtype.element_ty
         d = tl.arange(0, D)
@@ -80,21 +98,24 @@ def _kernel():
         q = _norm_rotary(q_ptr + b * stride_qb + head * D, q_norm_ptr, cos, sin, eps, dtype, D)
         k = _norm_rotary(k_ptr + b * stride_kb + kv_head * D, k_norm_ptr, cos, sin, eps, dtype, D)
         v = tl.load(v_ptr + b * stride_vb + kv_head * D + d).to(tl.float32)
-        position = tl.load(position_ptr)
+        position = tl.load(position_ptr).to(tl.int32)
         cache = b * stride_cache_b + kv_head * stride_cache_h
-        if head % GROUPS == 0:  # the group's first head writes its KV head's new row
+        first = split == 0
+        if first & (head % GROUPS == 0):  # the group's first head writes its KV head's new row
             tl.store(keys_ptr + cache + position * stride_cache_t + d, k.to(dtype))
             tl.store(values_ptr + cache + position * stride_cache_t + d, v.to(dtype))
-        # The new key is always visible to its own query: start the online softmax from it, then fold in the
-        # cached positions before it (the rows this step's write does not touch; later ones are invalid).
-        best = tl.sum(q * k, axis=0) * scale
-        total = tl.full((), 1.0, tl.float32)
-        acc = v
-        # The tile's K, V and validity are loaded together (V does not wait on the scores), and the next tile's
-        # while this one is reduced (num_stages): one HBM round trip per tile, not three in a row.
-        for start in tl.range(0, position, BLOCK_T, num_stages=2):
+        # The new key is always visible to its own query: the first split starts its softmax from it; the others
+        # start empty (a finite floor for the max, so an empty split's rescaling is exp(0), not exp(nan)).
+        best = tl.where(first, tl.sum(q * k, axis=0) * scale, -1e30)
+        total = tl.where(first, 1.0, 0.0)
+        acc = tl.where(first, v, 0.0)
+        # This split's rows, all before the step's position (the rows its write does not touch; later ones are
+        # invalid). K, V and validity of a tile are loaded together, the next tile's while this one is reduced.
+        lo = split * (TILES * BLOCK_T)
+        hi = tl.minimum(lo + TILES * BLOCK_T, position)
+        for start in tl.range(lo, hi, BLOCK_T, num_stages=2):
             t = start + tl.arange(0, BLOCK_T)
-            before = t < position
+            before = t < hi
             rows = cache + t[:, None] * stride_cache_t + d[None, :]
             keys = tl.load(keys_ptr + rows, mask=before[:, None], other=0.0).to(tl.float32)
             values = tl.load(values_ptr + rows, mask=before[:, None], other=0.0).to(tl.float32)
@@ -106,9 +127,28 @@ def _kernel():
             total = total * shrink + tl.sum(weights, axis=0)
             acc = acc * shrink + tl.sum(weights[:, None] * values, axis=0)
             best = new_best
-        tl.store(out_ptr + b * HEADS * D + head * D + d, (acc / total).to(dtype))
+        slot = row * tl.num_programs(1) + split
+        tl.store(stats_ptr + 2 * slot, best)
+        tl.store(stats_ptr + 2 * slot + 1, total)
+        tl.store(partial_ptr + slot * D + d, acc)
 
-    return decode_attention_kernel
+    @triton.jit
+    def decode_attention_combine_kernel(stats_ptr, partial_ptr, out_ptr, SPLITS: tl.constexpr,
+                                        SPLITS_P2: tl.constexpr, D: tl.constexpr):
+        # Program b * HEADS + head: the splits' partials rescaled to their common max and summed; rounded once.
+        row = tl.program_id(0)
+        s = tl.arange(0, SPLITS_P2)
+        d = tl.arange(0, D)
+        used = s < SPLITS
+        slot = row * SPLITS + s
+        best = tl.load(stats_ptr + 2 * slot, mask=used, other=float("-inf"))
+        total = tl.load(stats_ptr + 2 * slot + 1, mask=used, other=0.0)
+        partial = tl.load(partial_ptr + slot[:, None] * D + d[None, :], mask=used[:, None], other=0.0)
+        weight = tl.exp(best - tl.max(best, axis=0))
+        out = tl.sum(weight[:, None] * partial, axis=0) / tl.sum(weight * total, axis=0)
+        tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty))
+
+    return decode_attention_split_kernel, decode_attention_combine_kernel
 
 
 def _rows(t: torch.Tensor, width: int, name: str) -> torch.Tensor:
@@ -175,10 +215,17 @@ if unavailable_reason() is None:  # registered only with Triton (torch looks for
         if cos2.stride() != sin2.stride():
             raise ValueError("decode_attention needs cos and sin of one layout")
         out = torch.empty(batch, 1, heads * d, dtype=q.dtype, device=q.device)
-        wrap_triton(_kernel())[(batch * heads,)](
-            q2, k2, v2, q_norm, k_norm, cos2, sin2, keys, values, position, valid, out, q2.stride(0), k2.stride(0),
-            v2.stride(0), cos2.stride(0), keys.stride(0), keys.stride(1), keys.stride(2), valid.stride(0), eps, scale,
-            HEADS=heads, GROUPS=heads // kv_heads, D=d, BLOCK_T=BLOCK_T, num_warps=4)
+        split_kernel, combine_kernel = _kernels()
+        count, tiles = splits(keys.shape[2])
+        stats = torch.empty(batch * heads, count, 2, dtype=torch.float32, device=q.device)
+        partial = torch.empty(batch * heads, count, d, dtype=torch.float32, device=q.device)
+        wrap_triton(split_kernel)[(batch * heads, count)](
+            q2, k2, v2, q_norm, k_norm, cos2, sin2, keys, values, position, valid, stats, partial, q2.stride(0),
+            k2.stride(0), v2.stride(0), cos2.stride(0), keys.stride(0), keys.stride(1), keys.stride(2),
+            valid.stride(0), eps, scale, HEADS=heads, GROUPS=heads // kv_heads, D=d, BLOCK_T=BLOCK_T, TILES=tiles,
+            num_warps=4)
+        wrap_triton(combine_kernel)[(batch * heads,)](
+            stats, partial, out, SPLITS=count, SPLITS_P2=max(2, 1 << (count - 1).bit_length()), D=d, num_warps=4)
         return out
 
 else:

@@ -6,10 +6,11 @@ interpreter; skipped where Triton is not installed, as on the CI machines, whose
 from __future__ import annotations
 
 import os
+from unittest import mock
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from qwen3_vl.kernels import triton_decode_attention as kernel
@@ -66,15 +67,21 @@ def error(x, exact):
 @settings(max_examples=25, deadline=None)
 @given(batch=st.integers(1, 2), kv_heads=st.integers(1, 2), groups=st.sampled_from([1, 2, 4]),
        d=st.sampled_from([16, 32]), cache_len=st.integers(1, 150), where=st.floats(0, 1), padded=st.booleans(),
-       dtype=st.sampled_from([torch.float32, *HALF]), seed=st.integers(0, 2**16))
-def test_the_step_is_the_eager_attention_step(batch, kv_heads, groups, d, cache_len, where, padded, dtype, seed):
+       dtype=st.sampled_from([torch.float32, *HALF]), seed=st.integers(0, 2**16),
+       block=st.sampled_from([16, kernel.BLOCK_T]), max_splits=st.sampled_from([1, 2, kernel.MAX_SPLITS]))
+@example(batch=1, kv_heads=2, groups=2, d=32, cache_len=150, where=0.95, padded=True, dtype=torch.float32, seed=3,
+         block=16, max_splits=4)  # nine tiles in four slices of three: every part of the split and the combine
+def test_the_step_is_the_eager_attention_step(batch, kv_heads, groups, d, cache_len, where, padded, dtype, seed,
+                                              block, max_splits):
     """Output and the written cache row against the eager ops: in fp32 float reassociation (<= 1e-5 relative);
     in half precision against float64, within twice the eager half-precision ops' own error plus four units
     (the kernel rounds at other places than eager: fewer of them). Rows other than the step's position are
-    left as they were."""
+    left as they were. Small tiles make many slices at these lengths; fewer slices allowed than tiles make
+    slices of several tiles; one slice leaves the combine nothing to rescale."""
     position = min(int(where * cache_len), cache_len - 1)
     inputs = step_inputs(batch, kv_heads * groups, kv_heads, d, cache_len, position, dtype, seed, padded)
-    out, keys, values = run(kernel.decode_attention, inputs)
+    with mock.patch.object(kernel, "BLOCK_T", block), mock.patch.object(kernel, "MAX_SPLITS", max_splits):
+        out, keys, values = run(kernel.decode_attention, inputs)
     ref, ref_keys, ref_values = run(kernel.reference, inputs)
     assert out.shape == ref.shape == (batch, 1, kv_heads * groups * d) and out.dtype == dtype
     others = torch.arange(cache_len, device=DEVICE) != position
@@ -90,6 +97,15 @@ def test_the_step_is_the_eager_attention_step(batch, kv_heads, groups, d, cache_
         assert error(out, exact) <= 2 * error(ref, exact) + units
         assert error(keys[:, :, position], exact_keys[:, :, position]) <= 2 * error(
             ref_keys[:, :, position], exact_keys[:, :, position]) + units
+
+
+def test_splits_cover_the_cache_once():
+    """Every tile of the cache in exactly one program's slice, at most MAX_SPLITS programs, one tile each below."""
+    for cache_len in [1, 63, 64, 65, 390, 4096, 4097, 40000]:
+        count, tiles = kernel.splits(cache_len)
+        needed = -(-cache_len // kernel.BLOCK_T)
+        assert count <= kernel.MAX_SPLITS and (count - 1) * tiles < needed <= count * tiles
+        assert tiles == 1 or needed > kernel.MAX_SPLITS
 
 
 @needs_triton

@@ -7,8 +7,9 @@ residual adds and SiLU gate ride in the GEMVs' prologues and epilogue, which rem
 small kernels a layer (off by default until measured on a GPU against ``fold=false`` in one process). With
 ``prefill_compile=True`` the captured prefill is compiled too (``prefill_graph.py``; off by default: a compile
 per new prompt shape, and not yet measured). With ``attend=True`` each layer's one-query attention against the
-graph cache (q/k RMSNorm, M-RoPE, the cache write, scores, softmax, values: about five launches) is one Triton
-kernel (``qwen3_vl/kernels/triton_decode_attention.py``; off by default until measured).
+graph cache (q/k RMSNorm, M-RoPE, the cache write, scores, softmax, values: six launches) is two Triton kernels,
+a split over the cached positions and a combine (``qwen3_vl/kernels/triton_decode_attention.py``; off by default
+until it beats this path on a GPU).
 
 Triton refuses GPUs below compute capability 7.0, so on a Pascal (sm_61) GPU this option is
 unavailable and falls back to ``cuda_graph`` with that reason recorded.
@@ -62,7 +63,7 @@ class GemvDecoderLayer(DecoderLayer):
 
 class KernelAttention(FusedTextAttention):
     """The fused attention whose one-query step against the graph cache in graph mode (the captured decode
-    step) is the Triton ``decode_attention``: norms, rotary, cache write and attention in one kernel. Any
+    step) is the Triton ``decode_attention``: norms, rotary, cache write and attention in two kernels. Any
     other call (the prefill, an eager cache) is the plain attention's."""
 
     def attend(self, q, k, v, cos, sin, mask, cache, attention) -> torch.Tensor:
