@@ -2,7 +2,7 @@
 # Everything this project checks and times on a GPU, in stages, for the device tool:
 #   bash scripts/gpu_run.sh STAGE [STAGE ...]     (stages: setup exact exact-attend bench2b bench8b attention
 #                                                  ttft2b decode2b ttft2b-prefill attention-pascal memory pascal
-#                                                  prefill-profile decode-profile decode-profile-8b gemv-forms
+#                                                  prefill-profile decode-profile decode-profile-8b attention-kernel gemv-forms
 #                                                  vision harness)
 # Results go to a results store under $OUT (packed as one tarball, since few files come back),
 # logs to $OUT/log.txt. Carried wheels (in .gpu_wheels) fill in what the GPU image lacks.
@@ -86,6 +86,7 @@ for s in "$@"; do
     decode-profile-8b) stage decode-profile-8b 540 python scripts/gpu_decode_profile.py --preset 8b --rounds 3 \
                          --gemv-tile 1,2048,8 --plan "attention=sdpa,kv_cache=static,execution=compile[gemv=false]" \
                          --plan attention=sdpa,kv_cache=static,execution=compile ;;
+    attention-kernel) stage attention-kernel 90 python scripts/gpu_attention_kernel.py ;;
     gemv-forms) stage gemv-forms 300 python scripts/gpu_gemv_forms.py --preset 2b ;;
     vision) stage vision 300 python -m pytest -q tests/optim/vision/test_devices.py ;;
     harness) stage harness 540 python -m harness.gpu_check --results-dir "$RES" ;;

@@ -1,0 +1,84 @@
+"""The decode step's attention alone on a GPU: ``compile[attend=true]``'s Triton kernels against the eager ops
+they replace, compiled by Inductor (what the ``compile`` step runs) and eager, for one step of every layer
+captured in one CUDA graph (each layer its own cache, as in the model), interleaved rounds.
+
+A diagnostic for choosing the kernel's form, cheaper than a model's compile: the weights' reads between layers
+are absent here, so the caches may stay in L2 and the times are the attention's latency, not the step's.
+
+    python scripts/gpu_attention_kernel.py [--dtype bf16] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from harness.timing import capture_graph, graph_replay_ms
+from qwen3_vl.kernels import triton_decode_attention as kernel
+
+SHAPES = {  # name: (query heads, KV heads, head size, layers, cache capacity, position)
+    "2b at the benchmark's prompt": (16, 8, 128, 28, 512, 300),
+    "8b at 4000 of 4096": (32, 8, 128, 36, 4096, 4000),
+}
+
+
+def layer_inputs(heads, kv_heads, d, capacity, position, dtype, seed):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+
+    def draw(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=gen, device="cuda")).to(dtype)
+
+    qkv = draw(1, 1, (heads + 2 * kv_heads) * d, scale=3.0)
+    q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    angles = torch.rand(1, 1, d // 2, generator=gen, device="cuda") * 100
+    angles = torch.cat([angles, angles], dim=-1)
+    valid = torch.zeros(1, capacity, dtype=torch.bool, device="cuda")
+    valid[:, : position + 1] = True
+    return dict(q=q, k=k, v=v, q_norm=1 + 0.5 * draw(d), k_norm=1 + 0.5 * draw(d), eps=1e-6,
+                cos=angles.cos().to(dtype), sin=angles.sin().to(dtype), keys=draw(1, kv_heads, capacity, d),
+                values=draw(1, kv_heads, capacity, d), position=torch.tensor([position], device="cuda"),
+                valid=valid, scale=d**-0.5, heads=heads, kv_heads=kv_heads)
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--replays", type=int, default=200)
+    args = parser.parse_args()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    print(f"decode attention on {torch.cuda.get_device_name()}, torch {torch.__version__}, {args.dtype}; "
+          f"split kernel of {kernel.BLOCK_T}-row tiles, at most {kernel.MAX_SPLITS} slices a head")
+    inductor = torch.compile(kernel.reference, dynamic=False, fullgraph=True)
+    forms = {"kernels": kernel.decode_attention, "inductor": inductor, "eager": kernel.reference}
+    for name, (heads, kv_heads, d, layers, capacity, position) in SHAPES.items():
+        # exactness first, on fresh fp32 inputs: the kernels against the eager ops
+        one = layer_inputs(heads, kv_heads, d, capacity, position, torch.float32, 0)
+        got = kernel.decode_attention(**{**one, "keys": one["keys"].clone(), "values": one["values"].clone()})
+        want = kernel.reference(**one)
+        err32 = rel(got, want)
+        steps = [layer_inputs(heads, kv_heads, d, capacity, position, dtype, seed) for seed in range(layers)]
+        graphs = {}
+        for form, fn in forms.items():
+            inputs = [{**x, "keys": x["keys"].clone(), "values": x["values"].clone()} for x in steps]
+            graphs[form] = capture_graph(lambda fn=fn, inputs=inputs: [fn(**x) for x in inputs])
+        times = {form: [] for form in forms}
+        for r in range(args.rounds):
+            order = list(forms)[r % len(forms):] + list(forms)[: r % len(forms)]
+            for form in order:
+                times[form].append(1000 * graph_replay_ms(graphs[form], args.replays) / layers)
+        print(f"{name}: {heads} heads / {kv_heads} KV of {d}, cache {capacity}, position {position}, "
+              f"{kernel.splits(capacity)[0]} slices; fp32 kernels vs eager rel err {err32:.1e}")
+        for form, samples in times.items():
+            print(f"  {form:9} {sorted(samples)[len(samples) // 2]:6.2f} us a layer  (samples "
+                  f"{', '.join(f'{s:.2f}' for s in samples)})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
