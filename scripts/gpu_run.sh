@@ -65,9 +65,10 @@ for s in "$@"; do
                       --results-dir "$RES" \
                       --plan attention=sdpa,kv_cache=static,execution=compile \
                       --plan "attention=sdpa,kv_cache=static,execution=compile[prefill_compile=true]" ;;
-    bench8b) stage bench8b 290 python -m harness.bench --preset 8b --device cuda --dtype bf16 --compare transformers \
+    bench8b) stage bench8b 330 python -m harness.bench --preset 8b --device cuda --dtype bf16 --compare transformers \
                --transformers-paths static --rounds 2 --new-tokens 64 --results-dir "$RES" \
-               --plan attention=sdpa,kv_cache=static,execution=compile ;;
+               --plan attention=sdpa,kv_cache=static,execution=compile \
+               --plan "attention=sdpa,kv_cache=static,execution=compile[attend=true]" ;;
     attention) stage attention 170 python -m harness.bench_attention --preset 2b --device cuda --dtype bf16 \
                  --results-dir "$RES" ;;
     memory) stage memory 420 python -m suites.bench_memory_quant --device cuda --dtype fp16 --parts offload,decode,kv \

@@ -151,7 +151,8 @@ OPTION = Optimization(
         "SiLU gate folded into its GEMVs), greedy tokens chosen inside the graph "
         "(host_choice=true: by the host) and cuda_graph's captured prefill (prefill_compile=true: compiled before "
         "its capture, once per prompt shape); attend=true: each layer's one-query attention (q/k norms, rotary, "
-        "cache write, softmax attention) one Triton kernel; needs Triton, so sm_70+."
+        "cache write, softmax attention) our Triton split-and-combine kernels (off: not yet measured faster); "
+        "needs Triton, so sm_70+."
     ),
     build=lambda model, target, **params: CompiledExecution(model, target, **params),
     requires=Requirements(devices=("cuda",), min_compute_capability=(7, 0)),
