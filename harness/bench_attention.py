@@ -45,7 +45,7 @@ from qwen3_vl.hardware.profiles import get_profile, profile_for
 from qwen3_vl.model.text import AttentionMask
 from qwen3_vl.optim import registry
 from qwen3_vl.optim.attention.dynamic_sparse import DynamicSparseAttention, Router
-from qwen3_vl.optim.plan import Choice, Fallback, make_plan
+from qwen3_vl.optim.plan import Choice, Fallback, failure_text, make_plan
 
 CASES = ("vision", "prefill256", "prefill1024", "prefill4096", "decode1024", "decode4096")
 SUITE = "attention_bench"
@@ -145,7 +145,7 @@ def bench_case(case: Case, built: dict, rounds: int, warmup: int, device: str, e
         try:
             outputs[name] = case.run(runtime).float()
         except Exception as exc:  # one failing option (e.g. out of memory) never stops the benchmark
-            info[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"}
+            info[name] = {"error": failure_text(exc)}
             _free(device)
     # The reference output is eager's; if eager itself failed, the first exact option that ran.
     exact_ran = [n for n in outputs if registry.get("attention", n).exact]

@@ -35,6 +35,7 @@ from qwen3_vl.config import preset
 from qwen3_vl.kernels import triton_gemv
 from qwen3_vl.model.layers import Linear
 from qwen3_vl.optim.execution import compile as compile_option
+from qwen3_vl.optim.plan import failure_text
 
 VARIANTS = {
     "default": {},
@@ -161,7 +162,7 @@ def main() -> None:
                 model.generate(**inputs, max_new_tokens=8, min_new_tokens=8, eos_token_id=[])
             steps[name] = Step(model)
         except Exception as exc:  # one variant failing leaves the others measured
-            print(f"{name}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+            print(f"{name}: failed: {failure_text(exc)}")
             continue
         breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
         print(f"{name}: built, compiled and captured in {time.perf_counter() - start:.1f} s; graph breaks {breaks}; "

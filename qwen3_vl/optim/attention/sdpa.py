@@ -25,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from qwen3_vl.hardware.device import storage_and_compute
 from qwen3_vl.optim.attention.common import by_segment_length, empty_rows, mean_value_rows
 from qwen3_vl.optim.attention.eager import repeat_kv
-from qwen3_vl.optim.plan import Optimization, Target
+from qwen3_vl.optim.plan import Optimization, Target, failure_text
 
 BACKENDS = {
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -141,7 +141,7 @@ class SdpaAttention:
             except torch.OutOfMemoryError:
                 raise
             except RuntimeError as exc:
-                errors.append(f"{backend}: {str(exc).splitlines()[0]}")
+                errors.append(f"{backend}: {failure_text(exc, limit=400)}")
                 continue
             self.chosen[key] = (backend, native)
             self.ran[(kind, backend)] += 1
