@@ -5,12 +5,13 @@ captured in one CUDA graph (each layer its own cache, as in the model), interlea
 A diagnostic for choosing the kernel's form, cheaper than a model's compile: the weights' reads between layers
 are absent here, so the caches may stay in L2 and the times are the attention's latency, not the step's.
 
-    python scripts/gpu_attention_kernel.py [--dtype bf16] [--rounds 3]
+    python scripts/gpu_attention_kernel.py [--dtype bf16] [--rounds 3] [--tiles 16,32,64]
 """
 
 from __future__ import annotations
 
 import argparse
+from unittest import mock
 
 import torch
 
@@ -50,12 +51,22 @@ def main() -> int:
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--replays", type=int, default=200)
+    parser.add_argument("--tiles", type=lambda text: [int(x) for x in text.split(",")], default=[16, 32, 64],
+                        help="cached rows per tile to time the kernels at (the module's BLOCK_T is the default)")
     args = parser.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     print(f"decode attention on {torch.cuda.get_device_name()}, torch {torch.__version__}, {args.dtype}; "
           f"split kernel of {kernel.BLOCK_T}-row tiles, at most {kernel.MAX_SPLITS} slices a head")
     inductor = torch.compile(kernel.reference, dynamic=False, fullgraph=True)
-    forms = {"kernels": kernel.decode_attention, "inductor": inductor, "eager": kernel.reference}
+
+    def tiled(rows):  # the kernels with another tile size (the module's constant is read at each call)
+        def call(**inputs):
+            with mock.patch.object(kernel, "BLOCK_T", rows):
+                return kernel.decode_attention(**inputs)
+        return call
+
+    forms = {**{f"kernels/{rows}": tiled(rows) for rows in args.tiles},
+             "inductor": inductor, "eager": kernel.reference}
     for name, (heads, kv_heads, d, layers, capacity, position) in SHAPES.items():
         # exactness first, on fresh fp32 inputs: the kernels against the eager ops
         one = layer_inputs(heads, kv_heads, d, capacity, position, torch.float32, 0)
@@ -72,10 +83,10 @@ def main() -> int:
             order = list(forms)[r % len(forms):] + list(forms)[: r % len(forms)]
             for form in order:
                 times[form].append(1000 * graph_replay_ms(graphs[form], args.replays) / layers)
-        print(f"{name}: {heads} heads / {kv_heads} KV of {d}, cache {capacity}, position {position}, "
-              f"{kernel.splits(capacity)[0]} slices; fp32 kernels vs eager rel err {err32:.1e}")
+        print(f"{name}: {heads} heads / {kv_heads} KV of {d}, cache {capacity}, position {position}; "
+              f"fp32 kernels vs eager rel err {err32:.1e}")
         for form, samples in times.items():
-            print(f"  {form:9} {sorted(samples)[len(samples) // 2]:6.2f} us a layer  (samples "
+            print(f"  {form:12} {sorted(samples)[len(samples) // 2]:6.2f} us a layer  (samples "
                   f"{', '.join(f'{s:.2f}' for s in samples)})")
     return 0
 
