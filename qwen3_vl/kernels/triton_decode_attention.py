@@ -54,7 +54,7 @@ def splits(cache_len: int) -> tuple[int, int]:
 def _kernels():
     # Built on first use: Triton reads TRITON_INTERPRET when a kernel is defined. The helper is bound at module
     # level because Triton resolves a kernel's callees through its globals (its interpreter drops closures).
-    global _norm_rotary
+    global _norm_rotary, _load_tile, _fold_tile
     import triton
     import triton.language as tl
 
@@ -72,6 +72,29 @@ def _kernels():
                    * (x_other * rstd).to(dtype).to(tl.float32)).to(dtype)
         rotated = tl.where(d < D // 2, -x_other.to(tl.float32), x_other.to(tl.float32))
         return (x.to(tl.float32) * cos + rotated * sin).to(dtype).to(tl.float32)
+
+    @triton.jit
+    def _load_tile(keys_ptr, values_ptr, valid_ptr, cache, start, end, stride_cache_t, D: tl.constexpr,
+                   BLOCK_T: tl.constexpr):
+        # rows start .. start+BLOCK_T of one KV head's cache, as stored, and which of them the query may see
+        t = start + tl.arange(0, BLOCK_T)
+        before = t < end
+        rows = cache + t[:, None] * stride_cache_t + tl.arange(0, D)[None, :]
+        keys = tl.load(keys_ptr + rows, mask=before[:, None], other=0.0)
+        values = tl.load(values_ptr + rows, mask=before[:, None], other=0.0)
+        visible = before & (tl.load(valid_ptr + t, mask=before, other=0) != 0)
+        return keys, values, visible
+
+    @triton.jit
+    def _fold_tile(best, total, acc, keys, values, visible, q, scale):
+        # one online-softmax step over a tile, in fp32
+        scores = tl.where(visible, tl.sum(keys.to(tl.float32) * q[None, :], axis=1) * scale, float("-inf"))
+        new_best = tl.maximum(best, tl.max(scores, axis=0))
+        shrink = tl.exp(best - new_best)
+        weights = tl.exp(scores - new_best)
+        total = total * shrink + tl.sum(weights, axis=0)
+        acc = acc * shrink + tl.sum(weights[:, None] * values.to(tl.float32), axis=0)
+        return new_best, total, acc
 
     @triton.jit
     def decode_attention_split_kernel(q_ptr, k_ptr, v_ptr, q_norm_ptr, k_norm_ptr, cos_ptr, sin_ptr, keys_ptr,
@@ -93,13 +116,21 @@ def _kernels():
         kv_head = head // GROUPS
         dtype = q_ptr.dtype.element_ty
         d = tl.arange(0, D)
+        position = tl.load(position_ptr).to(tl.int32)
+        cache = b * stride_cache_b + kv_head * stride_cache_h
+        valid_row = valid_ptr + b * stride_valid_b
+        # This split's rows, all before the step's position (the rows its write does not touch; later ones are
+        # invalid). The first tile's loads go out before the query's norm and rotary, which do not feed them, so
+        # their memory latency overlaps that work (most splits have one tile).
+        lo = split * (TILES * BLOCK_T)
+        hi = tl.minimum(lo + TILES * BLOCK_T, position)
+        keys, values, visible = _load_tile(keys_ptr, values_ptr, valid_row, cache, lo, hi, stride_cache_t, D,
+                                           BLOCK_T)
         cos = tl.load(cos_ptr + b * stride_cb + d).to(tl.float32)
         sin = tl.load(sin_ptr + b * stride_cb + d).to(tl.float32)
         q = _norm_rotary(q_ptr + b * stride_qb + head * D, q_norm_ptr, cos, sin, eps, dtype, D)
         k = _norm_rotary(k_ptr + b * stride_kb + kv_head * D, k_norm_ptr, cos, sin, eps, dtype, D)
         v = tl.load(v_ptr + b * stride_vb + kv_head * D + d).to(tl.float32)
-        position = tl.load(position_ptr).to(tl.int32)
-        cache = b * stride_cache_b + kv_head * stride_cache_h
         first = split == 0
         if first & (head % GROUPS == 0):  # the group's first head writes its KV head's new row
             tl.store(keys_ptr + cache + position * stride_cache_t + d, k.to(dtype))
@@ -109,24 +140,12 @@ def _kernels():
         best = tl.where(first, tl.sum(q * k, axis=0) * scale, -1e30)
         total = tl.where(first, 1.0, 0.0)
         acc = tl.where(first, v, 0.0)
-        # This split's rows, all before the step's position (the rows its write does not touch; later ones are
-        # invalid). K, V and validity of a tile are loaded together, the next tile's while this one is reduced.
-        lo = split * (TILES * BLOCK_T)
-        hi = tl.minimum(lo + TILES * BLOCK_T, position)
-        for start in tl.range(lo, hi, BLOCK_T, num_stages=2):
-            t = start + tl.arange(0, BLOCK_T)
-            before = t < hi
-            rows = cache + t[:, None] * stride_cache_t + d[None, :]
-            keys = tl.load(keys_ptr + rows, mask=before[:, None], other=0.0).to(tl.float32)
-            values = tl.load(values_ptr + rows, mask=before[:, None], other=0.0).to(tl.float32)
-            visible = before & (tl.load(valid_ptr + b * stride_valid_b + t, mask=before, other=0) != 0)
-            scores = tl.where(visible, tl.sum(keys * q[None, :], axis=1) * scale, float("-inf"))
-            new_best = tl.maximum(best, tl.max(scores, axis=0))
-            shrink = tl.exp(best - new_best)
-            weights = tl.exp(scores - new_best)
-            total = total * shrink + tl.sum(weights, axis=0)
-            acc = acc * shrink + tl.sum(weights[:, None] * values, axis=0)
-            best = new_best
+        best, total, acc = _fold_tile(best, total, acc, keys, values, visible, q, scale)
+        # The split's further tiles, if any: each loaded while the one before is reduced (num_stages).
+        for start in tl.range(lo + BLOCK_T, hi, BLOCK_T, num_stages=2):
+            keys, values, visible = _load_tile(keys_ptr, values_ptr, valid_row, cache, start, hi, stride_cache_t,
+                                               D, BLOCK_T)
+            best, total, acc = _fold_tile(best, total, acc, keys, values, visible, q, scale)
         slot = row * tl.num_programs(1) + split
         tl.store(stats_ptr + 2 * slot, best)
         tl.store(stats_ptr + 2 * slot + 1, total)
