@@ -49,8 +49,11 @@ def forms() -> list[tuple[str, object, dict, dict, int]]:
                                                  ("gated+residual (down)", False, True, True)]]
     split, combine = triton_decode_attention._kernels()
     count, tiles = triton_decode_attention.splits(512)  # a 2b step's cache at the benchmark's prompt
+    _, long_tiles = triton_decode_attention.splits(8192)  # past MAX_SPLITS tiles: slices of several
     attention = [("decode_attention split, 16 heads / 8 KV, d 128", split, ATTENTION_ARGS,
                   dict(HEADS=16, GROUPS=2, D=128, BLOCK_T=triton_decode_attention.BLOCK_T, TILES=tiles), 4),
+                 (f"decode_attention split, 8192-row cache ({long_tiles} tiles a slice)", split, ATTENTION_ARGS,
+                  dict(HEADS=16, GROUPS=2, D=128, BLOCK_T=triton_decode_attention.BLOCK_T, TILES=long_tiles), 4),
                  ("decode_attention combine", combine, COMBINE_ARGS, dict(SPLITS=count, SPLITS_P2=count, D=128), 4)]
     return [*gemv, *attention]
 

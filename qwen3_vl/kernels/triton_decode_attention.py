@@ -141,11 +141,11 @@ def _kernels():
         total = tl.where(first, 1.0, 0.0)
         acc = tl.where(first, v, 0.0)
         best, total, acc = _fold_tile(best, total, acc, keys, values, visible, q, scale)
-        # The split's further tiles, if any: each loaded while the one before is reduced (num_stages).
-        for start in tl.range(lo + BLOCK_T, hi, BLOCK_T, num_stages=2):
-            keys, values, visible = _load_tile(keys_ptr, values_ptr, valid_row, cache, start, hi, stride_cache_t,
-                                               D, BLOCK_T)
-            best, total, acc = _fold_tile(best, total, acc, keys, values, visible, q, scale)
+        if TILES > 1:  # the split's further tiles (long caches): each loaded while the one before is reduced
+            for start in tl.range(lo + BLOCK_T, hi, BLOCK_T, num_stages=2):
+                keys, values, visible = _load_tile(keys_ptr, values_ptr, valid_row, cache, start, hi,
+                                                   stride_cache_t, D, BLOCK_T)
+                best, total, acc = _fold_tile(best, total, acc, keys, values, visible, q, scale)
         slot = row * tl.num_programs(1) + split
         tl.store(stats_ptr + 2 * slot, best)
         tl.store(stats_ptr + 2 * slot + 1, total)
