@@ -52,7 +52,7 @@ def splits(cache_len: int) -> tuple[int, int]:
 
 @functools.cache
 def _kernels():
-    # Built on first use: Triton reads TRITON_INTERPRET when a kernel is defined. The helper is bound at module
+    # Built on first use: Triton reads TRITON_INTERPRET when a kernel is defined. The helpers are bound at module
     # level because Triton resolves a kernel's callees through its globals (its interpreter drops closures).
     global _norm_rotary, _load_tile, _fold_tile
     import triton
