@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import json
 import os
 import shlex
@@ -507,6 +508,18 @@ def markdown_table(table: list[dict], llama: list[dict], header: str, command: s
     return "\n".join(lines)
 
 
+def exit_within(code: int, grace_s: float = 60.0) -> None:
+    """Exit with ``code``; a teardown still running after ``grace_s`` prints every thread's stack and ends the
+    process with status 1.
+
+    An 8b run on an H100 stored its results, then did not exit for 100 s (cause unknown; one suspect is
+    Inductor's compile-worker pool, whose shutdown waits up to 300 s: pytorch#162199). A stuck teardown must
+    neither hide nor eat the device call's time, and its stacks are the evidence.
+    """
+    faulthandler.dump_traceback_later(grace_s, exit=True)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
     with contextlib.suppress(KeyboardInterrupt):
-        sys.exit(main())
+        exit_within(main())

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -96,3 +99,17 @@ def test_an_engine_whose_capture_failed_is_stored_as_failed_not_as_the_options_s
     assert ref.error.iloc[0] == "eager: the decode step was not captured and decoded eagerly: InductorError: the cause"
     assert set(df[df.case == PLANS[1]].status) == {"ok"}
     assert "the decode step was not captured" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("stuck", [False, True])
+def test_exit_within_ends_a_stuck_teardown_with_its_stacks(stuck):
+    # a planted teardown that sleeps past the grace: the process ends early, status 1, the hanging frame printed
+    hook = "import atexit, time; atexit.register(time.sleep, 30); " if stuck else ""
+    code = f"{hook}from harness.bench import exit_within; exit_within(0, grace_s=1.0)"
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert time.monotonic() - start < 20
+    if stuck:
+        assert done.returncode == 1 and "Timeout" in done.stderr
+    else:
+        assert done.returncode == 0 and done.stderr == ""
