@@ -74,9 +74,11 @@ def main() -> int:
         want = kernel.reference(**one)
         err32 = rel(got, want)
         steps = [layer_inputs(heads, kv_heads, d, capacity, position, dtype, seed) for seed in range(layers)]
-        graphs = {}
+        graphs, caches = {}, {}
         for form, fn in forms.items():
-            inputs = [{**x, "keys": x["keys"].clone(), "values": x["values"].clone()} for x in steps]
+            # each form's caches live as long as its graph: a capture empties the allocator's cache, so a
+            # graph whose buffers were freed would replay into unmapped memory (an illegal address)
+            caches[form] = inputs = [{**x, "keys": x["keys"].clone(), "values": x["values"].clone()} for x in steps]
             graphs[form] = capture_graph(lambda fn=fn, inputs=inputs: [fn(**x) for x in inputs])
         times = {form: [] for form in forms}
         for r in range(args.rounds):
