@@ -30,11 +30,11 @@ PLANS = (
     "attention=sdpa",
     "attention=eager,kv_cache=static,execution=cuda_graph",
     "attention=sdpa,kv_cache=static,execution=cuda_graph",
-    "attention=sdpa,kv_cache=static,execution=compile[gemv=false]",
+    "attention=sdpa,kv_cache=static,execution=compile[gemv=false;attend=false]",
+    "attention=sdpa,kv_cache=static,execution=compile[attend=false]",
     "attention=sdpa,kv_cache=static,execution=compile",
     "attention=sdpa,kv_cache=static,execution=compile[fold=true]",
     "attention=sdpa,kv_cache=static,execution=compile[prefill_compile=true]",
-    "attention=sdpa,kv_cache=static,execution=compile[fold=true;attend=true]",
 )
 
 

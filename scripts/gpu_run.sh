@@ -43,7 +43,7 @@ for s in "$@"; do
         nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv' ;;
     exact) stage exact 180 python scripts/gpu_exactness.py ;;
     exact-attend) stage exact-attend 70 python scripts/gpu_exactness.py \
-                    --plan "attention=sdpa,kv_cache=static,execution=compile[attend=true]" ;;
+                    --plan "attention=sdpa,kv_cache=static,execution=compile" ;;
     bench2b) stage bench2b 400 python -m harness.bench --preset 2b --device cuda --dtype bf16 --compare transformers \
                --rounds 2 --results-dir "$RES" --plan reference \
                --plan attention=eager,kv_cache=static,execution=cuda_graph \
@@ -59,7 +59,7 @@ for s in "$@"; do
     decode2b) stage decode2b 230 python -m harness.bench --preset 2b --device cuda --dtype bf16 --compare transformers \
                 --transformers-paths static --rounds 3 --results-dir "$RES" \
                 --plan attention=sdpa,kv_cache=static,execution=compile \
-                --plan "attention=sdpa,kv_cache=static,execution=compile[attend=true]" ;;
+                --plan "attention=sdpa,kv_cache=static,execution=compile[attend=false]" ;;
     ttft2b-prefill) stage ttft2b-prefill 540 python -m harness.bench --preset 2b --device cuda --dtype bf16 \
                       --compare transformers --transformers-paths sdpa --rounds 3 --new-tokens 32 \
                       --results-dir "$RES" \
@@ -68,7 +68,7 @@ for s in "$@"; do
     bench8b) stage bench8b 330 python -m harness.bench --preset 8b --device cuda --dtype bf16 --compare transformers \
                --transformers-paths static --rounds 2 --new-tokens 64 --results-dir "$RES" \
                --plan attention=sdpa,kv_cache=static,execution=compile \
-               --plan "attention=sdpa,kv_cache=static,execution=compile[attend=true]" ;;
+               --plan "attention=sdpa,kv_cache=static,execution=compile[attend=false]" ;;
     attention) stage attention 170 python -m harness.bench_attention --preset 2b --device cuda --dtype bf16 \
                  --results-dir "$RES" ;;
     memory) stage memory 420 python -m suites.bench_memory_quant --device cuda --dtype fp16 --parts offload,decode,kv \
@@ -83,7 +83,7 @@ for s in "$@"; do
     prefill-profile) stage prefill-profile 300 python scripts/gpu_prefill_profile.py ;;
     decode-profile) stage decode-profile 290 python scripts/gpu_decode_profile.py --rounds 3 \
                       --plan attention=sdpa,kv_cache=static,execution=compile \
-                      --plan "attention=sdpa,kv_cache=static,execution=compile[attend=true]" ;;
+                      --plan "attention=sdpa,kv_cache=static,execution=compile[attend=false]" ;;
     decode-profile-8b) stage decode-profile-8b 540 python scripts/gpu_decode_profile.py --preset 8b --rounds 3 \
                          --gemv-tile 1,2048,8 --plan "attention=sdpa,kv_cache=static,execution=compile[gemv=false]" \
                          --plan attention=sdpa,kv_cache=static,execution=compile ;;

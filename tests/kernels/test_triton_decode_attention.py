@@ -1,4 +1,4 @@
-"""Our Triton decode attention (the compiled GPU decode step's, ``compile[attend=true]``): against the eager ops it
+"""Our Triton decode attention (the compiled GPU decode step's, ``compile``'s attend): against the eager ops it
 replaces (``reference``) and float64 over shapes, cache positions, padding and dtypes, the cache rows it writes
 and those it must leave alone, and bad arguments refused with the problem named (on the CPU through Triton's
 interpreter; skipped where Triton is not installed, as on the CI machines, whose fingerprint would change with it)."""
@@ -137,8 +137,8 @@ def test_bad_arguments_are_refused_with_the_problem_named():
 
 @needs_triton
 def test_a_tiny_model_with_the_kernel_decodes_the_reference_tokens(tiny_checkpoint, ours_tiny):
-    """``compile[attend=true]``'s layers with the real kernel, on a padded batch with an image: fp32 greedy tokens
-    identical to the reference, step logits within 1e-5."""
+    """``compile``'s attention layers (attend, the default) with the real kernel, on a padded batch with an image:
+    fp32 greedy tokens identical to the reference, step logits within 1e-5."""
     import qwen3_vl
     from harness.workload import PromptSpec, RowSpec, build_prompt, generate
     from qwen3_vl.optim.execution.compile import KernelAttention, use_decode_attention
@@ -150,7 +150,7 @@ def test_a_tiny_model_with_the_kernel_decodes_the_reference_tokens(tiny_checkpoi
     model = qwen3_vl.from_pretrained(tiny_checkpoint, plan="attention=eager")
     model.execution = CudaGraphExecution(model, Target("cpu"), capture=False, bucket=16)
     assert use_decode_attention(model) == len(model.language_model.layers)
-    assert all(type(layer.self_attn) is KernelAttention for layer in model.language_model.layers)
+    assert all(isinstance(layer.self_attn, KernelAttention) for layer in model.language_model.layers)
     prompt = build_prompt(ours_tiny.config, PromptSpec((RowSpec(3, (4, 4), 2), RowSpec(4)), seed=5))
     tokens, logits, _ = generate(model, prompt, 6)
     ref_tokens, ref_logits, _ = generate(ours_tiny, prompt, 6)

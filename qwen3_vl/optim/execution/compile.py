@@ -4,12 +4,13 @@ the text decoder's one-row products (every projection and the output matrix in a
 Triton GEMV (``qwen3_vl/kernels/triton_gemv.py``) instead of cuBLAS's; any product of more rows (the
 prefill) stays cuBLAS's. With ``fold=True`` each layer's one-row call is ``GemvDecoderLayer``'s: its RMSNorms,
 residual adds and SiLU gate ride in the GEMVs' prologues and epilogue, which removes about three of Inductor's
-small kernels a layer (off by default until measured on a GPU against ``fold=false`` in one process). With
-``prefill_compile=True`` the captured prefill is compiled too (``prefill_graph.py``; off by default: a compile
-per new prompt shape, and not yet measured). With ``attend=True`` each layer's one-query attention against the
-graph cache (q/k RMSNorm, M-RoPE, the cache write, scores, softmax, values: six launches) is two Triton kernels,
-a split over the cached positions and a combine (``qwen3_vl/kernels/triton_decode_attention.py``; off by default
-until it beats this path on a GPU).
+small kernels a layer (off by default: no gain measured on an H100). With ``prefill_compile=True`` the captured
+prefill is compiled too (``prefill_graph.py``; off by default: on an H100 it cut the 2b TTFT from 10.7 to 6.8 ms,
+but each new prompt shape costs a compile of about 20 s). With ``attend=True`` (the default) each layer's
+one-query attention against the graph cache (q/k RMSNorm, M-RoPE, the cache write, scores, softmax, values: six
+launches) is two Triton kernels, a split over the cached positions and a combine
+(``qwen3_vl/kernels/triton_decode_attention.py``): on an H100, 6.3 instead of 16.8 us a layer at the 2b
+benchmark's cache, 1.78 instead of 2.12 ms per 2b token and 6.39 instead of 6.61 per 8b token.
 
 Triton refuses GPUs below compute capability 7.0, so on a Pascal (sm_61) GPU this option is
 unavailable and falls back to ``cuda_graph`` with that reason recorded.
@@ -22,7 +23,7 @@ import torch
 from qwen3_vl.kernels.triton_decode_attention import decode_attention, fits
 from qwen3_vl.kernels.triton_gemv import gemv, tile, unavailable_reason
 from qwen3_vl.model.layers import Linear
-from qwen3_vl.model.text import DecoderLayer
+from qwen3_vl.model.text import DecoderLayer, TextAttention
 from qwen3_vl.optim.execution.cuda_graph import NEEDS, CudaGraphExecution
 from qwen3_vl.optim.execution.fusion import FusedTextAttention, FusedTextMLP
 from qwen3_vl.optim.plan import Optimization, Requirements, Target
@@ -61,10 +62,10 @@ class GemvDecoderLayer(DecoderLayer):
         return gemv(gate_up, mlp.down_proj.weight, gated=True, residual=h)
 
 
-class KernelAttention(FusedTextAttention):
-    """The fused attention whose one-query step against the graph cache in graph mode (the captured decode
-    step) is the Triton ``decode_attention``: norms, rotary, cache write and attention in two kernels. Any
-    other call (the prefill, an eager cache) is the plain attention's."""
+class KernelAttention(TextAttention):
+    """The attention whose one-query step against the graph cache in graph mode (the captured decode step) is
+    the Triton ``decode_attention``: norms, rotary, cache write and attention in two kernels. Any other call (the
+    prefill, an eager cache) is the plain attention's."""
 
     def attend(self, q, k, v, cos, sin, mask, cache, attention) -> torch.Tensor:
         if q.shape[1] != 1 or not getattr(cache, "graph_mode", False):
@@ -75,14 +76,19 @@ class KernelAttention(FusedTextAttention):
                                 keys.shape[1])
 
 
+class FusedKernelAttention(FusedTextAttention, KernelAttention):
+    """``KernelAttention`` over the fused q/k/v product (its q, k and v are views of one row)."""
+
+
 def use_decode_attention(model) -> int:
-    """Swap each fused text attention to ``KernelAttention`` where the kernel takes its head size (a power of
-    two) and both norms share one eps; returns how many layers."""
+    """Swap each text attention (fused or not) to its ``KernelAttention`` where the kernel takes its head size (a
+    power of two) and both norms share one eps; returns how many layers."""
+    kernel_class = {TextAttention: KernelAttention, FusedTextAttention: FusedKernelAttention}
     swapped = 0
     for layer in model.language_model.layers:
         attn = layer.self_attn
-        if type(attn) is FusedTextAttention and fits(attn.head_dim) and attn.q_norm.eps == attn.k_norm.eps:
-            attn.__class__ = KernelAttention
+        if type(attn) in kernel_class and fits(attn.head_dim) and attn.q_norm.eps == attn.k_norm.eps:
+            attn.__class__ = kernel_class[type(attn)]
             swapped += 1
     return swapped
 
@@ -115,14 +121,12 @@ class CompiledExecution(CudaGraphExecution):
 
     def __init__(self, model, target: Target, fuse: bool = True, bucket: int = 256, prefill_graphs: int = 8,
                  prefill_bucket: int = 64, gemv: bool = True, host_choice: bool = False, fold: bool = False,
-                 prefill_compile: bool = False, attend: bool = False) -> None:
+                 prefill_compile: bool = False, attend: bool = True) -> None:
         import torch._dynamo
 
         if fold and not (gemv and fuse):
             raise ValueError("compile's fold=true folds the norms and residual adds into the GEMV of the fused "
                              "projections: it needs gemv=true and fuse=true")
-        if attend and not fuse:
-            raise ValueError("compile's attend=true replaces the fused projections' attention: it needs fuse=true")
 
         # Where an option's code breaks the traced graph inside a layer, each layer's frame is
         # specialised on its index; allow one variant per layer (and a few more) before dynamo
@@ -150,9 +154,9 @@ OPTION = Optimization(
         "(2b-class) through our Triton GEMV (gemv=false: cuBLAS's; fold=true: each layer's norms, residual adds and "
         "SiLU gate folded into its GEMVs), greedy tokens chosen inside the graph "
         "(host_choice=true: by the host) and cuda_graph's captured prefill (prefill_compile=true: compiled before "
-        "its capture, once per prompt shape); attend=true: each layer's one-query attention (q/k norms, rotary, "
-        "cache write, softmax attention) our Triton split-and-combine kernels (off: not yet measured faster); "
-        "needs Triton, so sm_70+."
+        "its capture, once per prompt shape); each layer's one-query attention (q/k norms, rotary, cache write, "
+        "softmax attention) our Triton split-and-combine kernels (attend=false: Inductor's kernels); needs Triton, "
+        "so sm_70+."
     ),
     build=lambda model, target, **params: CompiledExecution(model, target, **params),
     requires=Requirements(devices=("cuda",), min_compute_capability=(7, 0)),
@@ -160,5 +164,5 @@ OPTION = Optimization(
     needs=NEEDS,
     fallback="cuda_graph",
     defaults={"fuse": True, "bucket": 256, "prefill_graphs": 8, "prefill_bucket": 64, "gemv": True,
-              "host_choice": False, "fold": False, "prefill_compile": False, "attend": False},
+              "host_choice": False, "fold": False, "prefill_compile": False, "attend": True},
 )

@@ -199,10 +199,13 @@ def test_compile_fold_puts_each_layers_norms_and_residuals_into_its_gemvs(tiny_c
     assert folds == [lm_head] + 5 * (layer_calls * layers + [lm_head])  # prefill: the output matrix only
 
 
-def test_compile_attend_makes_each_decode_steps_attention_one_kernel_call(tiny_checkpoint, ours_tiny, monkeypatch):
-    """``compile[attend=true]``: every layer's attention is ``KernelAttention``, whose one-query decode step is one
-    ``decode_attention`` call against the layer's cache buffers (here the kernel's PyTorch ``reference`` stands
-    in); the prefill is the plain attention's; with padding, tokens and the decode's logits are the reference's."""
+@pytest.mark.parametrize("fuse", [True, False])
+def test_compile_attend_makes_each_decode_steps_attention_one_kernel_call(tiny_checkpoint, ours_tiny, monkeypatch,
+                                                                         fuse):
+    """``compile``'s attend (on by default): every layer's attention, over fused projections or separate ones, is
+    a ``KernelAttention``, whose one-query decode step is one ``decode_attention`` call against the layer's cache
+    buffers (here the kernel's PyTorch ``reference`` stands in); the prefill is the plain attention's; with
+    padding, tokens and the decode's logits are the reference's."""
     from qwen3_vl.kernels import triton_decode_attention
     from qwen3_vl.optim.execution import compile as compile_option
 
@@ -213,9 +216,12 @@ def test_compile_attend_makes_each_decode_steps_attention_one_kernel_call(tiny_c
         return triton_decode_attention.reference(q, k, v, q_norm, k_norm, eps, cos, sin, keys, values, *rest)
 
     monkeypatch.setattr(compile_option, "decode_attention", recording)
-    model = graph_model(tiny_checkpoint, bucket=16)
+    assert compile_option.OPTION.defaults["attend"] is True
+    model = graph_model(tiny_checkpoint, bucket=16, fuse=fuse)
     layers = ours_tiny.config.text.num_hidden_layers
     assert compile_option.use_decode_attention(model) == layers
+    kernel_class = compile_option.FusedKernelAttention if fuse else compile_option.KernelAttention
+    assert all(type(layer.self_attn) is kernel_class for layer in model.language_model.layers)
     prompt = build_prompt(ours_tiny.config, PromptSpec((RowSpec(3, (4, 4), 2), RowSpec(4)), seed=5))
     assert prompt.attention_mask is not None  # the shorter row is padded
     tokens, logits, _ = generate(model, prompt, 6)
@@ -224,14 +230,6 @@ def test_compile_attend_makes_each_decode_steps_attention_one_kernel_call(tiny_c
     assert relative_error(logits, ref_logits) <= 1e-5
     buffers = [t.data_ptr() for t in model.execution.cache.keys]
     assert calls == 5 * [(1, ptr) for ptr in buffers]  # 5 decode steps after the prefill's token, each layer's own
-
-
-def test_compile_attend_needs_fused_projections(tiny_checkpoint):
-    from qwen3_vl.optim.execution.compile import CompiledExecution
-
-    model = qwen3_vl.from_pretrained(tiny_checkpoint)
-    with pytest.raises(ValueError, match=r"attend=true .* needs fuse=true"):
-        CompiledExecution(model, Target("cpu"), attend=True, fuse=False)
 
 
 def test_compile_fold_needs_the_gemv_and_fused_projections(tiny_checkpoint):
