@@ -1,4 +1,4 @@
-"""The decode step's attention alone on a GPU: ``compile[attend=true]``'s Triton kernels against the eager ops
+"""The decode step's attention alone on a GPU: ``compile``'s Triton attention kernels (attend) against the eager ops
 they replace, compiled by Inductor (what the ``compile`` step runs) and eager, for one step of every layer
 captured in one CUDA graph (each layer its own cache, as in the model), interleaved rounds.
 
