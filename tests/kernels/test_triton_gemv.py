@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from qwen3_vl.kernels import triton_gemv
@@ -37,12 +37,15 @@ def test_tiles_follow_the_measured_rule():
 
 @needs_triton
 @settings(max_examples=20, deadline=None)
+@example(n=1, k16=1, dtype=torch.float32, seed=17856)  # products that cancel: 1.2e-6 of the row's value
 @given(n=st.integers(1, 70), k16=st.integers(1, 40), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
        seed=st.integers(0, 2**16))
 def test_the_product_is_the_stored_weights_product(n, k16, dtype, seed):
     """Any row count (the last program's rows masked), K any multiple of 16 (tiles of its largest power of
-    two): fp32 sums of the same products, so float reassociation in fp32 and one rounding in bf16 (within one
-    bf16 unit: Triton's CPU interpreter truncates where the GPU rounds to nearest)."""
+    two): fp32 sums of the same products, so each output within fp32 reassociation's bound (K units of 2^-24 of
+    the sum of the products' magnitudes: a row whose products cancel may lose more than 1e-6 of its own value)
+    plus, in bf16, one rounding (within one bf16 unit: Triton's CPU interpreter truncates where the GPU rounds
+    to nearest)."""
     gen = torch.Generator().manual_seed(seed)
     k = 16 * k16
     x = torch.randn(1, 1, k, generator=gen).to(DEVICE, dtype)
@@ -50,8 +53,9 @@ def test_the_product_is_the_stored_weights_product(n, k16, dtype, seed):
     exact = x.double() @ w.double().T
     y = triton_gemv.gemv(x, w)
     assert y.shape == (1, 1, n) and y.dtype == dtype
-    err = ((y.double() - exact).abs().max() / exact.abs().max()).item()
-    assert err <= (1e-6 if dtype == torch.float32 else 2**-7)
+    reassociation = k * 2**-24 * (x.double().abs() @ w.double().abs().T)
+    rounding = 0.0 if dtype == torch.float32 else 2**-7 * (exact.abs() + reassociation)  # a unit of the result
+    assert ((y.double() - exact).abs() <= reassociation + rounding).all()
 
 
 @needs_triton
