@@ -34,12 +34,17 @@ ATTENTION_ARGS = {**dict.fromkeys(["q_ptr", "k_ptr", "v_ptr", "q_norm_ptr", "k_n
                                    "stride_cache_h", "stride_cache_t", "stride_valid_b"], "i32"),
                   "eps": "fp64", "scale": "fp64"}  # fp64: how Inductor types a Python float argument
 COMBINE_ARGS = {"stats_ptr": "*fp32", "partial_ptr": "*fp32", "out_ptr": BF16}
+QK_ARGS = {**dict.fromkeys(["q_ptr", "k_ptr", "q_norm_ptr", "k_norm_ptr", "cos_ptr", "sin_ptr", "q_out_ptr",
+                            "k_out_ptr"], BF16),
+           **dict.fromkeys(["stride_qb", "stride_qt", "stride_kb", "stride_kt", "stride_cb", "stride_ct", "n"], "i32"),
+           "eps": "fp64"}
 GEMV_ARGS = {**dict.fromkeys(["x_ptr", "w_ptr", "out_ptr", "norm_ptr", "res_ptr"], BF16), "n": "i32", "k": "i32",
              "stride_w": "i32", "eps": "fp64"}
 
 
 def forms() -> list[tuple[str, object, dict, dict, int]]:
-    """(label, kernel, runtime argument types, constexprs, warps) for each form the 2b decode step runs."""
+    """(label, kernel, runtime argument types, constexprs, warps) for each form the 2b decode step (and the
+    prefill's q/k kernel) runs."""
     rows, block_k, warps = triton_gemv.tile(2048, 2048)
     gemv = [(f"gemv {label}", triton_gemv._kernel(), GEMV_ARGS,
              dict(BLOCK_N=rows, BLOCK_K=block_k, NORM=norm, GATED=gated, RESIDUAL=residual), warps)
@@ -47,14 +52,16 @@ def forms() -> list[tuple[str, object, dict, dict, int]]:
                                                  ("norm (q/k/v, gate/up)", True, False, False),
                                                  ("residual (o_proj)", False, False, True),
                                                  ("gated+residual (down)", False, True, True)]]
-    split, combine = triton_decode_attention._kernels()
+    split, combine, qk = triton_decode_attention._kernels()
     count, tiles = triton_decode_attention.splits(512)  # a 2b step's cache at the benchmark's prompt
     _, long_tiles = triton_decode_attention.splits(8192)  # past MAX_SPLITS tiles: slices of several
     attention = [("decode_attention split, 16 heads / 8 KV, d 128", split, ATTENTION_ARGS,
                   dict(HEADS=16, GROUPS=2, D=128, BLOCK_T=triton_decode_attention.BLOCK_T, TILES=tiles), 4),
                  (f"decode_attention split, 8192-row cache ({long_tiles} tiles a slice)", split, ATTENTION_ARGS,
                   dict(HEADS=16, GROUPS=2, D=128, BLOCK_T=triton_decode_attention.BLOCK_T, TILES=long_tiles), 4),
-                 ("decode_attention combine", combine, COMBINE_ARGS, dict(SPLITS=count, SPLITS_P2=count, D=128), 4)]
+                 ("decode_attention combine", combine, COMBINE_ARGS, dict(SPLITS=count, SPLITS_P2=count, D=128), 4),
+                 ("qk_norm_rotary (prefill), 16 heads / 8 KV, d 128", qk, QK_ARGS,
+                  dict(HEADS=16, KV_HEADS=8, D=128), 1)]
     return [*gemv, *attention]
 
 

@@ -167,7 +167,31 @@ def _kernels():
         out = tl.sum(weight[:, None] * partial, axis=0) / tl.sum(weight * total, axis=0)
         tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty))
 
-    return decode_attention_split_kernel, decode_attention_combine_kernel
+    @triton.jit
+    def qk_norm_rotary_kernel(q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr,
+                              stride_qb, stride_qt, stride_kb, stride_kt, stride_cb, stride_ct, n, eps,
+                              HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr):
+        # Program (b * n + t, head): one query head (head < HEADS) or KV head of one prompt row, normalised and
+        # rotated, written to [b, heads, n, D] (the layout attention takes). fp32 eps as in the split kernel.
+        eps = tl.cast(eps, tl.float32)
+        row = tl.program_id(0)
+        head = tl.program_id(1)
+        b = row // n
+        t = row % n
+        dtype = q_ptr.dtype.element_ty
+        d = tl.arange(0, D)
+        cos = tl.load(cos_ptr + b * stride_cb + t * stride_ct + d).to(tl.float32)
+        sin = tl.load(sin_ptr + b * stride_cb + t * stride_ct + d).to(tl.float32)
+        if head < HEADS:
+            x = _norm_rotary(q_ptr + b * stride_qb + t * stride_qt + head * D, q_norm_ptr, cos, sin, eps, dtype, D)
+            tl.store(q_out_ptr + ((b * HEADS + head) * n + t) * D + d, x.to(dtype))
+        else:
+            kv_head = head - HEADS
+            x = _norm_rotary(k_ptr + b * stride_kb + t * stride_kt + kv_head * D, k_norm_ptr, cos, sin, eps, dtype,
+                             D)
+            tl.store(k_out_ptr + ((b * KV_HEADS + kv_head) * n + t) * D + d, x.to(dtype))
+
+    return decode_attention_split_kernel, decode_attention_combine_kernel, qk_norm_rotary_kernel
 
 
 def _rows(t: torch.Tensor, width: int, name: str) -> torch.Tensor:
@@ -215,6 +239,23 @@ def reference(q, k, v, q_norm, k_norm, eps, cos, sin, keys, values, position, va
     return out.transpose(1, 2).reshape(b, 1, heads * d)
 
 
+def qk_reference(q, k, q_norm, k_norm, eps, cos, sin, heads, kv_heads):
+    """What ``qk_norm_rotary`` computes, in the eager layer's ops (``TextAttention.position``)."""
+    b, n, d = q.shape[0], q.shape[1], q_norm.shape[0]
+    q = rms_norm(q.reshape(b, n, heads, d), q_norm, eps).transpose(1, 2)
+    k = rms_norm(k.reshape(b, n, kv_heads, d), k_norm, eps).transpose(1, 2)
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+
+def qk_fits(q, k, cos, sin, head_dim: int) -> bool:
+    """Whether ``qk_norm_rotary`` takes these: rows with a contiguous last dimension, one dtype, and cos/sin
+    [b, 1, n, d] of one layout (what the text decoder passes)."""
+    b, n = q.shape[0], q.shape[1]
+    return (fits(head_dim) and q.dim() == 3 and k.shape[:2] == (b, n) and q.stride(-1) == 1 and k.stride(-1) == 1
+            and q.dtype == k.dtype == cos.dtype == sin.dtype and cos.shape == sin.shape == (b, 1, n, head_dim)
+            and cos.stride() == sin.stride() and cos.stride(-1) == 1)
+
+
 if unavailable_reason() is None:  # registered only with Triton (torch looks for the op's kernels at registration)
 
     @triton_op("qwen3_vl::decode_attention", mutates_args={"keys", "values"})
@@ -234,7 +275,7 @@ if unavailable_reason() is None:  # registered only with Triton (torch looks for
         if cos2.stride() != sin2.stride():
             raise ValueError("decode_attention needs cos and sin of one layout")
         out = torch.empty(batch, 1, heads * d, dtype=q.dtype, device=q.device)
-        split_kernel, combine_kernel = _kernels()
+        split_kernel, combine_kernel, _ = _kernels()
         count, tiles = splits(keys.shape[2])
         stats = torch.empty(batch * heads, count, 2, dtype=torch.float32, device=q.device)
         partial = torch.empty(batch * heads, count, d, dtype=torch.float32, device=q.device)
@@ -247,7 +288,29 @@ if unavailable_reason() is None:  # registered only with Triton (torch looks for
             stats, partial, out, SPLITS=count, SPLITS_P2=max(2, 1 << (count - 1).bit_length()), D=d, num_warps=4)
         return out
 
+    @triton_op("qwen3_vl::qk_norm_rotary", mutates_args=())
+    def qk_norm_rotary(q: torch.Tensor, k: torch.Tensor, q_norm: torch.Tensor, k_norm: torch.Tensor, eps: float,
+                       cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A prompt's q/k RMSNorms and rotary in one kernel (``qk_reference``'s ops, six to ten launches eagerly):
+        ``q`` [B, n, heads * d] and ``k`` [B, n, kv_heads * d] (views of the fused product will do), ``cos`` and
+        ``sin`` [B, 1, n, d] (``qk_fits``). Returns q [B, heads, n, d] and k [B, kv_heads, n, d], contiguous."""
+        b, n, d = q.shape[0], q.shape[1], q_norm.shape[0]
+        if not qk_fits(q, k, cos, sin, d) or q.shape[2] != heads * d or k.shape[2] != kv_heads * d:
+            raise ValueError(f"qk_norm_rotary needs q [b, n, {heads} x {d}] and k [b, n, {kv_heads} x {d}] rows with "
+                             f"a contiguous last dimension and cos/sin [b, 1, n, {d}] of their dtype; got "
+                             f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(cos.shape)} {cos.dtype}")
+        q_out = torch.empty(b, heads, n, d, dtype=q.dtype, device=q.device)
+        k_out = torch.empty(b, kv_heads, n, d, dtype=k.dtype, device=k.device)
+        wrap_triton(_kernels()[2])[(b * n, heads + kv_heads)](
+            q, k, q_norm, k_norm, cos, sin, q_out, k_out, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            cos.stride(0), cos.stride(2), n, eps, HEADS=heads, KV_HEADS=kv_heads, D=d, num_warps=1)
+        return q_out, k_out
+
 else:
+
+    def qk_norm_rotary(q, k, q_norm, k_norm, eps, cos, sin, heads, kv_heads):
+        raise RuntimeError(f"the Triton q/k norm and rotary cannot run: {unavailable_reason()}")
 
     def decode_attention(q, k, v, q_norm, k_norm, eps, cos, sin, keys, values, position, valid, scale, heads,
                          kv_heads) -> torch.Tensor:

@@ -64,10 +64,8 @@ class TextAttention(nn.Module):
     def attend(self, q, k, v, cos, sin, mask: AttentionMask, cache, attention) -> torch.Tensor:
         """From the projections [b, n, heads * d] to the attention output [b, n, heads * d], before ``o_proj``."""
         b, n, _ = q.shape
-        q = self.q_norm(q.view(b, n, -1, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(k.view(b, n, -1, self.head_dim)).transpose(1, 2)
+        q, k = self.position(q, k, cos, sin)
         v = v.view(b, n, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v, key_valid = cache.update(self.layer_idx, k, v)
             mask = AttentionMask(key_valid, mask.causal)
@@ -75,6 +73,13 @@ class TextAttention(nn.Module):
                 cache.observe(self.layer_idx, q, mask)
         out = attention.text(q, k, v, mask, self.head_dim**-0.5)
         return out.transpose(1, 2).reshape(b, n, -1)
+
+    def position(self, q, k, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """The q/k RMSNorms and M-RoPE: projections [b, n, heads * d] to [b, heads, n, d]."""
+        b, n, _ = q.shape
+        q = self.q_norm(q.view(b, n, -1, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(k.view(b, n, -1, self.head_dim)).transpose(1, 2)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
 
 class TextMLP(nn.Module):

@@ -135,10 +135,60 @@ def test_bad_arguments_are_refused_with_the_problem_named():
         kernel.decode_attention(**{**inputs, "v": inputs["v"].double()})
 
 
+def prompt_qk(batch, n, heads, kv_heads, d, dtype, seed):
+    """A prompt's q and k rows (views of one fused product, as the layer has them), norm weights, cos/sin."""
+    gen = torch.Generator().manual_seed(seed)
+    qkv = (3 * torch.randn(batch, n, (heads + 2 * kv_heads) * d, generator=gen)).to(DEVICE, dtype)
+    q, k, _ = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    angles = torch.rand(batch, 1, n, d // 2, generator=gen) * 100
+    angles = torch.cat([angles, angles], dim=-1)
+    return dict(q=q, k=k, q_norm=(1 + 0.5 * torch.randn(d, generator=gen)).to(DEVICE, dtype),
+                k_norm=(1 + 0.5 * torch.randn(d, generator=gen)).to(DEVICE, dtype), eps=1e-6,
+                cos=angles.cos().to(DEVICE, dtype), sin=angles.sin().to(DEVICE, dtype), heads=heads, kv_heads=kv_heads)
+
+
+@needs_triton
+@settings(max_examples=20, deadline=None)
+@given(batch=st.integers(1, 2), n=st.integers(1, 40), kv_heads=st.integers(1, 2), groups=st.sampled_from([1, 2, 4]),
+       d=st.sampled_from([16, 32]), dtype=st.sampled_from([torch.float32, *HALF]), seed=st.integers(0, 2**16))
+def test_the_prompts_q_k_norm_and_rotary_are_the_eager_ones(batch, n, kv_heads, groups, d, dtype, seed):
+    """``qk_norm_rotary`` against ``qk_reference`` (the layer's ops): fp32 within 1e-5; half precision against
+    float64 within twice the eager ops' own error plus two units (it rounds the rotary once, eager three times)."""
+    inputs = prompt_qk(batch, n, kv_heads * groups, kv_heads, d, dtype, seed)
+    assert kernel.qk_fits(inputs["q"], inputs["k"], inputs["cos"], inputs["sin"], d)
+    q, k = kernel.qk_norm_rotary(**inputs)
+    ref_q, ref_k = kernel.qk_reference(**inputs)
+    assert q.shape == ref_q.shape == (batch, kv_heads * groups, n, d) and k.shape == ref_k.shape
+    assert q.is_contiguous() and k.is_contiguous() and q.dtype == k.dtype == dtype
+    if dtype == torch.float32:
+        assert error(q, ref_q) <= 1e-5 and error(k, ref_k) <= 1e-5
+    else:
+        exact = {name: t.double() if isinstance(t, torch.Tensor) else t for name, t in inputs.items()}
+        exact_q, exact_k = kernel.qk_reference(**exact)
+        units = 2 * torch.finfo(dtype).eps
+        assert error(q, exact_q) <= 2 * error(ref_q, exact_q) + units
+        assert error(k, exact_k) <= 2 * error(ref_k, exact_k) + units
+
+
+@needs_triton
+def test_the_prompt_kernel_catches_a_wrong_position_and_refuses_bad_rows():
+    """The test above can fail: the eager ops with the cos/sin of the next row, or with the query's and key's
+    norm weights swapped, are far past its bound; rows without a contiguous last dimension are refused."""
+    inputs = prompt_qk(1, 12, 4, 2, 32, torch.float32, 3)
+    q, k = kernel.qk_norm_rotary(**inputs)
+    rolled = {**inputs, "cos": inputs["cos"].roll(1, dims=2), "sin": inputs["sin"].roll(1, dims=2)}
+    assert error(q, kernel.qk_reference(**rolled)[0]) > 1e-2
+    swapped = {**inputs, "q_norm": inputs["k_norm"], "k_norm": inputs["q_norm"]}
+    assert error(k, kernel.qk_reference(**swapped)[1]) > 1e-2
+    assert not kernel.qk_fits(inputs["q"][..., ::2], inputs["k"], inputs["cos"], inputs["sin"], 32)
+    with pytest.raises(ValueError, match="contiguous last dimension"):
+        kernel.qk_norm_rotary(**{**inputs, "q": torch.randn(1, 12, 256, device=DEVICE)[..., ::2]})
+
+
 @needs_triton
 def test_a_tiny_model_with_the_kernel_decodes_the_reference_tokens(tiny_checkpoint, ours_tiny):
-    """``compile``'s attention layers (attend, the default) with the real kernel, on a padded batch with an image:
-    fp32 greedy tokens identical to the reference, step logits within 1e-5."""
+    """``compile``'s attention layers (attend, the default, with prefill_qk) with the real kernels, on a padded
+    batch with an image: fp32 greedy tokens identical to the reference, step logits within 1e-5."""
     import qwen3_vl
     from harness.workload import PromptSpec, RowSpec, build_prompt, generate
     from qwen3_vl.optim.execution.compile import KernelAttention, use_decode_attention
@@ -149,7 +199,7 @@ def test_a_tiny_model_with_the_kernel_decodes_the_reference_tokens(tiny_checkpoi
 
     model = qwen3_vl.from_pretrained(tiny_checkpoint, plan="attention=eager")
     model.execution = CudaGraphExecution(model, Target("cpu"), capture=False, bucket=16)
-    assert use_decode_attention(model) == len(model.language_model.layers)
+    assert use_decode_attention(model, prefill_qk=True) == len(model.language_model.layers)
     assert all(isinstance(layer.self_attn, KernelAttention) for layer in model.language_model.layers)
     prompt = build_prompt(ours_tiny.config, PromptSpec((RowSpec(3, (4, 4), 2), RowSpec(4)), seed=5))
     tokens, logits, _ = generate(model, prompt, 6)

@@ -10,7 +10,9 @@ but each new prompt shape costs a compile of about 20 s). With ``attend=True`` (
 one-query attention against the graph cache (q/k RMSNorm, M-RoPE, the cache write, scores, softmax, values: six
 launches) is two Triton kernels, a split over the cached positions and a combine
 (``qwen3_vl/kernels/triton_decode_attention.py``): on an H100, 6.3 instead of 16.8 us a layer at the 2b
-benchmark's cache, 1.78 instead of 2.12 ms per 2b token and 6.39 instead of 6.61 per 8b token.
+benchmark's cache, 1.78 instead of 2.12 ms per 2b token and 6.39 instead of 6.61 per 8b token. With
+``prefill_qk=True`` (needs ``attend``) the prefill's q/k RMSNorms and M-RoPE are one Triton kernel a layer instead
+of about eighteen small ones (off by default until measured on a GPU).
 
 Triton refuses GPUs below compute capability 7.0, so on a Pascal (sm_61) GPU this option is
 unavailable and falls back to ``cuda_graph`` with that reason recorded.
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from qwen3_vl.kernels.triton_decode_attention import decode_attention, fits
+from qwen3_vl.kernels.triton_decode_attention import decode_attention, fits, qk_fits, qk_norm_rotary
 from qwen3_vl.kernels.triton_gemv import gemv, tile, unavailable_reason
 from qwen3_vl.model.layers import Linear
 from qwen3_vl.model.text import DecoderLayer, TextAttention
@@ -65,7 +67,11 @@ class GemvDecoderLayer(DecoderLayer):
 class KernelAttention(TextAttention):
     """The attention whose one-query step against the graph cache in graph mode (the captured decode step) is
     the Triton ``decode_attention``: norms, rotary, cache write and attention in two kernels. Any other call (the
-    prefill, an eager cache) is the plain attention's."""
+    prefill, an eager cache) is the plain attention's; with ``prefill_qk`` its q/k norms and rotary are one Triton
+    kernel (``qk_norm_rotary``) where the inputs fit: a captured 2b prefill spends most of its time in such small
+    kernels (about 1700 launches against about 2 ms of arithmetic)."""
+
+    prefill_qk = False  # set per layer by ``use_decode_attention``
 
     def attend(self, q, k, v, cos, sin, mask, cache, attention) -> torch.Tensor:
         if q.shape[1] != 1 or not getattr(cache, "graph_mode", False):
@@ -75,20 +81,28 @@ class KernelAttention(TextAttention):
                                 values, cache.position, cache.valid, self.head_dim**-0.5, q.shape[-1] // self.head_dim,
                                 keys.shape[1])
 
+    def position(self, q, k, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        if not (self.prefill_qk and qk_fits(q, k, cos, sin, self.head_dim)):
+            return super().position(q, k, cos, sin)
+        return qk_norm_rotary(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, cos, sin,
+                              q.shape[-1] // self.head_dim, k.shape[-1] // self.head_dim)
+
 
 class FusedKernelAttention(FusedTextAttention, KernelAttention):
     """``KernelAttention`` over the fused q/k/v product (its q, k and v are views of one row)."""
 
 
-def use_decode_attention(model) -> int:
+def use_decode_attention(model, prefill_qk: bool = False) -> int:
     """Swap each text attention (fused or not) to its ``KernelAttention`` where the kernel takes its head size (a
-    power of two) and both norms share one eps; returns how many layers."""
+    power of two) and both norms share one eps, with ``prefill_qk`` its prefill's q/k kernel on; returns how
+    many layers."""
     kernel_class = {TextAttention: KernelAttention, FusedTextAttention: FusedKernelAttention}
     swapped = 0
     for layer in model.language_model.layers:
         attn = layer.self_attn
         if type(attn) in kernel_class and fits(attn.head_dim) and attn.q_norm.eps == attn.k_norm.eps:
             attn.__class__ = kernel_class[type(attn)]
+            attn.prefill_qk = prefill_qk
             swapped += 1
     return swapped
 
@@ -121,9 +135,11 @@ class CompiledExecution(CudaGraphExecution):
 
     def __init__(self, model, target: Target, fuse: bool = True, bucket: int = 256, prefill_graphs: int = 8,
                  prefill_bucket: int = 64, gemv: bool = True, host_choice: bool = False, fold: bool = False,
-                 prefill_compile: bool = False, attend: bool = True) -> None:
+                 prefill_compile: bool = False, attend: bool = True, prefill_qk: bool = False) -> None:
         import torch._dynamo
 
+        if prefill_qk and not attend:
+            raise ValueError("compile's prefill_qk=true is part of the attention kernels: it needs attend=true")
         if fold and not (gemv and fuse):
             raise ValueError("compile's fold=true folds the norms and residual adds into the GEMV of the fused "
                              "projections: it needs gemv=true and fuse=true")
@@ -137,11 +153,14 @@ class CompiledExecution(CudaGraphExecution):
                          prefill_bucket=prefill_bucket, host_choice=host_choice, prefill_compile=prefill_compile)
         self.gemv_layers = use_gemv(model, fold) if gemv else 0  # after fusing: the fused projections are swapped
         self.folded_layers = sum(type(layer) is GemvDecoderLayer for layer in model.language_model.layers)
-        self.attention_kernel_layers = use_decode_attention(model) if attend else 0  # after folding: it checks types
+        # after folding: it checks the attention's type
+        self.attention_kernel_layers = use_decode_attention(model, prefill_qk) if attend else 0
+        self.prefill_qk = prefill_qk
 
     def describe(self) -> dict:
         return {**super().describe(), "gemv_layers": self.gemv_layers, "folded_layers": self.folded_layers,
-                "attention_kernel_layers": self.attention_kernel_layers}
+                "attention_kernel_layers": self.attention_kernel_layers,
+                "prefill_qk_layers": self.attention_kernel_layers if self.prefill_qk else 0}
 
 
 OPTION = Optimization(
@@ -155,7 +174,8 @@ OPTION = Optimization(
         "SiLU gate folded into its GEMVs), greedy tokens chosen inside the graph "
         "(host_choice=true: by the host) and cuda_graph's captured prefill (prefill_compile=true: compiled before "
         "its capture, once per prompt shape); each layer's one-query attention (q/k norms, rotary, cache write, "
-        "softmax attention) our Triton split-and-combine kernels (attend=false: Inductor's kernels); needs Triton, "
+        "softmax attention) our Triton split-and-combine kernels (attend=false: Inductor's kernels; prefill_qk=true: "
+        "the prefill's q/k norms and rotary one Triton kernel, not yet measured); needs Triton, "
         "so sm_70+."
     ),
     build=lambda model, target, **params: CompiledExecution(model, target, **params),
@@ -164,5 +184,6 @@ OPTION = Optimization(
     needs=NEEDS,
     fallback="cuda_graph",
     defaults={"fuse": True, "bucket": 256, "prefill_graphs": 8, "prefill_bucket": 64, "gemv": True,
-              "host_choice": False, "fold": False, "prefill_compile": False, "attend": True},
+              "host_choice": False, "fold": False, "prefill_compile": False, "attend": True,
+              "prefill_qk": False},
 )

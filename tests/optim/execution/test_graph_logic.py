@@ -199,13 +199,15 @@ def test_compile_fold_puts_each_layers_norms_and_residuals_into_its_gemvs(tiny_c
     assert folds == [lm_head] + 5 * (layer_calls * layers + [lm_head])  # prefill: the output matrix only
 
 
+@pytest.mark.parametrize("prefill_qk", [False, True])
 @pytest.mark.parametrize("fuse", [True, False])
 def test_compile_attend_makes_each_decode_steps_attention_one_kernel_call(tiny_checkpoint, ours_tiny, monkeypatch,
-                                                                         fuse):
+                                                                         fuse, prefill_qk):
     """``compile``'s attend (on by default): every layer's attention, over fused projections or separate ones, is
     a ``KernelAttention``, whose one-query decode step is one ``decode_attention`` call against the layer's cache
-    buffers (here the kernel's PyTorch ``reference`` stands in); the prefill is the plain attention's; with
-    padding, tokens and the decode's logits are the reference's."""
+    buffers and, with ``prefill_qk``, whose prefill takes its q/k norms and rotary from one ``qk_norm_rotary`` call
+    (here the kernels' PyTorch references stand in); with padding, tokens and the decode's logits are the
+    reference's."""
     from qwen3_vl.kernels import triton_decode_attention
     from qwen3_vl.optim.execution import compile as compile_option
 
@@ -215,11 +217,17 @@ def test_compile_attend_makes_each_decode_steps_attention_one_kernel_call(tiny_c
         calls.append((q.shape[1], keys.data_ptr()))
         return triton_decode_attention.reference(q, k, v, q_norm, k_norm, eps, cos, sin, keys, values, *rest)
 
+    def recording_qk(q, k, *rest):
+        qk_calls.append(q.shape[1])
+        return triton_decode_attention.qk_reference(q, k, *rest)
+
+    qk_calls = []
     monkeypatch.setattr(compile_option, "decode_attention", recording)
+    monkeypatch.setattr(compile_option, "qk_norm_rotary", recording_qk)
     assert compile_option.OPTION.defaults["attend"] is True
     model = graph_model(tiny_checkpoint, bucket=16, fuse=fuse)
     layers = ours_tiny.config.text.num_hidden_layers
-    assert compile_option.use_decode_attention(model) == layers
+    assert compile_option.use_decode_attention(model, prefill_qk) == layers
     kernel_class = compile_option.FusedKernelAttention if fuse else compile_option.KernelAttention
     assert all(type(layer.self_attn) is kernel_class for layer in model.language_model.layers)
     prompt = build_prompt(ours_tiny.config, PromptSpec((RowSpec(3, (4, 4), 2), RowSpec(4)), seed=5))
@@ -230,6 +238,16 @@ def test_compile_attend_makes_each_decode_steps_attention_one_kernel_call(tiny_c
     assert relative_error(logits, ref_logits) <= 1e-5
     buffers = [t.data_ptr() for t in model.execution.cache.keys]
     assert calls == 5 * [(1, ptr) for ptr in buffers]  # 5 decode steps after the prefill's token, each layer's own
+    # the (padded batch's eager) prefill, every layer, when asked for
+    assert qk_calls == (layers * [prompt.input_ids.shape[1]] if prefill_qk else [])
+
+
+def test_compile_prefill_qk_needs_the_attention_kernels(tiny_checkpoint):
+    from qwen3_vl.optim.execution.compile import CompiledExecution
+
+    model = qwen3_vl.from_pretrained(tiny_checkpoint)
+    with pytest.raises(ValueError, match=r"prefill_qk=true .* needs attend=true"):
+        CompiledExecution(model, Target("cpu"), attend=False, prefill_qk=True)
 
 
 def test_compile_fold_needs_the_gemv_and_fused_projections(tiny_checkpoint):
