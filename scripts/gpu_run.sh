@@ -41,7 +41,7 @@ for s in "$@"; do
         python -c "import torch, transformers, pandas, pyarrow; print(torch.__version__, torch.version.cuda, \
         transformers.__version__, pandas.__version__, pyarrow.__version__, torch.cuda.get_device_name())";
         nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv' ;;
-    exact) stage exact 180 python scripts/gpu_exactness.py ;;
+    exact) stage exact 240 python scripts/gpu_exactness.py ;;
     exact-attend) stage exact-attend 70 python scripts/gpu_exactness.py \
                     --plan "attention=sdpa,kv_cache=static,execution=compile" ;;
     bench2b) stage bench2b 400 python -m harness.bench --preset 2b --device cuda --dtype bf16 --compare transformers \
