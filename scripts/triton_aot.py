@@ -38,6 +38,8 @@ QK_ARGS = {**dict.fromkeys(["q_ptr", "k_ptr", "q_norm_ptr", "k_norm_ptr", "cos_p
                             "k_out_ptr"], BF16),
            **dict.fromkeys(["stride_qb", "stride_qt", "stride_kb", "stride_kt", "stride_cb", "stride_ct", "n"], "i32"),
            "eps": "fp64"}
+VISION_ARGS = {**dict.fromkeys(["q_ptr", "k_ptr", "q_out_ptr", "k_out_ptr"], BF16), "cos_ptr": "*fp32",
+               "sin_ptr": "*fp32", **dict.fromkeys(["stride_q", "stride_k", "stride_c"], "i32")}
 GEMV_ARGS = {**dict.fromkeys(["x_ptr", "w_ptr", "out_ptr", "norm_ptr", "res_ptr"], BF16), "n": "i32", "k": "i32",
              "stride_w": "i32", "eps": "fp64"}
 
@@ -52,7 +54,7 @@ def forms() -> list[tuple[str, object, dict, dict, int]]:
                                                  ("norm (q/k/v, gate/up)", True, False, False),
                                                  ("residual (o_proj)", False, False, True),
                                                  ("gated+residual (down)", False, True, True)]]
-    split, combine, qk = triton_decode_attention._kernels()
+    split, combine, qk, vision = triton_decode_attention._kernels()
     count, tiles = triton_decode_attention.splits(512)  # a 2b step's cache at the benchmark's prompt
     _, long_tiles = triton_decode_attention.splits(8192)  # past MAX_SPLITS tiles: slices of several
     attention = [("decode_attention split, 16 heads / 8 KV, d 128", split, ATTENTION_ARGS,
@@ -61,7 +63,8 @@ def forms() -> list[tuple[str, object, dict, dict, int]]:
                   dict(HEADS=16, GROUPS=2, D=128, BLOCK_T=triton_decode_attention.BLOCK_T, TILES=long_tiles), 4),
                  ("decode_attention combine", combine, COMBINE_ARGS, dict(SPLITS=count, SPLITS_P2=count, D=128), 4),
                  ("qk_norm_rotary (prefill), 16 heads / 8 KV, d 128", qk, QK_ARGS,
-                  dict(HEADS=16, KV_HEADS=8, D=128), 1)]
+                  dict(HEADS=16, KV_HEADS=8, D=128), 1),
+                 ("vision_rotary (prefill ViT), 16 heads, d 64", vision, VISION_ARGS, dict(HEADS=16, D=64), 1)]
     return [*gemv, *attention]
 
 

@@ -63,11 +63,13 @@ class VisionAttention(nn.Module):
     def forward(self, x, cos, sin, cu_seqlens, attention) -> torch.Tensor:
         s = x.shape[0]
         q, k, v = self.qkv(x).view(s, 3, self.num_heads, self.head_dim).unbind(1)
-        # The vision RoPE runs in fp32 whatever the activation dtype.
-        q = apply_rotary(q.float(), cos, sin).to(x.dtype)
-        k = apply_rotary(k.float(), cos, sin).to(x.dtype)
+        q, k = self.position(q, k, cos, sin)
         out = attention.vision(q, k, v, cu_seqlens, self.head_dim**-0.5)
         return self.proj(out.reshape(s, -1))
+
+    def position(self, q, k, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """The 2D rotary of q and k [s, heads, d], in fp32 whatever the activation dtype."""
+        return apply_rotary(q.float(), cos, sin).to(q.dtype), apply_rotary(k.float(), cos, sin).to(k.dtype)
 
 
 class VisionMLP(nn.Module):

@@ -185,6 +185,46 @@ def test_the_prompt_kernel_catches_a_wrong_position_and_refuses_bad_rows():
         kernel.qk_norm_rotary(**{**inputs, "q": torch.randn(1, 12, 256, device=DEVICE)[..., ::2]})
 
 
+def patch_qk(s, heads, d, dtype, seed):
+    """A ViT layer's q and k (views of its qkv product) and the 2D rotary's fp32 cos/sin [s, 1, d]."""
+    gen = torch.Generator().manual_seed(seed)
+    qkv = (3 * torch.randn(s, 3, heads, d, generator=gen)).to(DEVICE, dtype)
+    q, k, _ = qkv.unbind(1)
+    angles = torch.rand(s, 1, d // 2, generator=gen) * 50
+    angles = torch.cat([angles, angles], dim=-1).to(DEVICE)
+    return dict(q=q, k=k, cos=angles.cos(), sin=angles.sin())
+
+
+@needs_triton
+@settings(max_examples=20, deadline=None)
+@given(s=st.integers(1, 40), heads=st.integers(1, 4), d=st.sampled_from([16, 32]),
+       dtype=st.sampled_from([torch.float32, *HALF]), seed=st.integers(0, 2**16))
+def test_the_vit_rotary_is_the_eager_one(s, heads, d, dtype, seed):
+    """``vision_rotary`` against ``vision_reference`` (the ViT's ops, fp32 then one rounding): fp32 within 1e-6;
+    half precision within one unit of the eager result (both round the same fp32 value, up to contraction)."""
+    inputs = patch_qk(s, heads, d, dtype, seed)
+    assert kernel.vision_fits(**inputs)
+    q, k = kernel.vision_rotary(**inputs)
+    ref_q, ref_k = kernel.vision_reference(**inputs)
+    assert q.shape == ref_q.shape == (s, heads, d) and q.is_contiguous() and q.dtype == k.dtype == dtype
+    bound = 1e-6 if dtype == torch.float32 else torch.finfo(dtype).eps
+    assert error(q, ref_q.double()) <= bound and error(k, ref_k.double()) <= bound
+
+
+@needs_triton
+def test_the_vit_kernel_catches_a_wrong_patch_and_refuses_bad_layouts():
+    """The test above can fail: the eager rotary with the next patch's angles is far past its bound; a q whose
+    heads are not contiguous is refused."""
+    inputs = patch_qk(12, 2, 32, torch.float32, 4)
+    q, _ = kernel.vision_rotary(**inputs)
+    rolled = {**inputs, "cos": inputs["cos"].roll(1, dims=0), "sin": inputs["sin"].roll(1, dims=0)}
+    assert error(q, kernel.vision_reference(**rolled)[0].double()) > 1e-2
+    transposed = inputs["q"].transpose(0, 1).contiguous().transpose(0, 1)
+    assert not kernel.vision_fits(transposed, inputs["k"], inputs["cos"], inputs["sin"])
+    with pytest.raises(ValueError, match="contiguous heads"):
+        kernel.vision_rotary(transposed, inputs["k"], inputs["cos"], inputs["sin"])
+
+
 @needs_triton
 def test_a_tiny_model_with_the_kernel_decodes_the_reference_tokens(tiny_checkpoint, ours_tiny):
     """``compile``'s attention layers (attend, the default, with prefill_qk) with the real kernels, on a padded

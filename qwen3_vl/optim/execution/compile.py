@@ -12,7 +12,8 @@ launches) is two Triton kernels, a split over the cached positions and a combine
 (``qwen3_vl/kernels/triton_decode_attention.py``): on an H100, 6.3 instead of 16.8 us a layer at the 2b
 benchmark's cache, 1.78 instead of 2.12 ms per 2b token and 6.39 instead of 6.61 per 8b token. With
 ``prefill_qk=True`` (needs ``attend``) the prefill's q/k RMSNorms and M-RoPE are one Triton kernel a layer instead
-of about eighteen small ones (off by default until measured on a GPU).
+of about eighteen small ones, and each ViT layer's q/k rotary one instead of about fourteen (off by default until
+measured on a GPU).
 
 Triton refuses GPUs below compute capability 7.0, so on a Pascal (sm_61) GPU this option is
 unavailable and falls back to ``cuda_graph`` with that reason recorded.
@@ -22,10 +23,18 @@ from __future__ import annotations
 
 import torch
 
-from qwen3_vl.kernels.triton_decode_attention import decode_attention, fits, qk_fits, qk_norm_rotary
+from qwen3_vl.kernels.triton_decode_attention import (
+    decode_attention,
+    fits,
+    qk_fits,
+    qk_norm_rotary,
+    vision_fits,
+    vision_rotary,
+)
 from qwen3_vl.kernels.triton_gemv import gemv, tile, unavailable_reason
 from qwen3_vl.model.layers import Linear
 from qwen3_vl.model.text import DecoderLayer, TextAttention
+from qwen3_vl.model.vision import VisionAttention
 from qwen3_vl.optim.execution.cuda_graph import NEEDS, CudaGraphExecution
 from qwen3_vl.optim.execution.fusion import FusedTextAttention, FusedTextMLP
 from qwen3_vl.optim.plan import Optimization, Requirements, Target
@@ -88,14 +97,23 @@ class KernelAttention(TextAttention):
                               q.shape[-1] // self.head_dim, k.shape[-1] // self.head_dim)
 
 
+class KernelVisionAttention(VisionAttention):
+    """The ViT attention with its q/k rotary in one Triton kernel (``vision_rotary``) where the inputs fit."""
+
+    def position(self, q, k, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        if not vision_fits(q, k, cos, sin):
+            return super().position(q, k, cos, sin)
+        return vision_rotary(q, k, cos, sin)
+
+
 class FusedKernelAttention(FusedTextAttention, KernelAttention):
     """``KernelAttention`` over the fused q/k/v product (its q, k and v are views of one row)."""
 
 
 def use_decode_attention(model, prefill_qk: bool = False) -> int:
     """Swap each text attention (fused or not) to its ``KernelAttention`` where the kernel takes its head size (a
-    power of two) and both norms share one eps, with ``prefill_qk`` its prefill's q/k kernel on; returns how
-    many layers."""
+    power of two) and both norms share one eps, with ``prefill_qk`` its prefill's q/k kernel on (and the ViT's
+    rotary kernel, ``KernelVisionAttention``); returns how many text layers."""
     kernel_class = {TextAttention: KernelAttention, FusedTextAttention: FusedKernelAttention}
     swapped = 0
     for layer in model.language_model.layers:
@@ -104,6 +122,10 @@ def use_decode_attention(model, prefill_qk: bool = False) -> int:
             attn.__class__ = kernel_class[type(attn)]
             attn.prefill_qk = prefill_qk
             swapped += 1
+    if prefill_qk:
+        for block in model.visual.blocks:
+            if type(block.attn) is VisionAttention:
+                block.attn.__class__ = KernelVisionAttention
     return swapped
 
 
@@ -175,7 +197,8 @@ OPTION = Optimization(
         "(host_choice=true: by the host) and cuda_graph's captured prefill (prefill_compile=true: compiled before "
         "its capture, once per prompt shape); each layer's one-query attention (q/k norms, rotary, cache write, "
         "softmax attention) our Triton split-and-combine kernels (attend=false: Inductor's kernels; prefill_qk=true: "
-        "the prefill's q/k norms and rotary one Triton kernel, not yet measured); needs Triton, "
+        "the prefill's q/k norms and rotary, the ViT's included, one Triton kernel a layer, not yet measured); needs "
+        "Triton, "
         "so sm_70+."
     ),
     build=lambda model, target, **params: CompiledExecution(model, target, **params),

@@ -221,9 +221,14 @@ def test_compile_attend_makes_each_decode_steps_attention_one_kernel_call(tiny_c
         qk_calls.append(q.shape[1])
         return triton_decode_attention.qk_reference(q, k, *rest)
 
-    qk_calls = []
+    def recording_vision(q, k, cos, sin):
+        vision_calls.append(q.shape[0])
+        return triton_decode_attention.vision_reference(q, k, cos, sin)
+
+    qk_calls, vision_calls = [], []
     monkeypatch.setattr(compile_option, "decode_attention", recording)
     monkeypatch.setattr(compile_option, "qk_norm_rotary", recording_qk)
+    monkeypatch.setattr(compile_option, "vision_rotary", recording_vision)
     assert compile_option.OPTION.defaults["attend"] is True
     model = graph_model(tiny_checkpoint, bucket=16, fuse=fuse)
     layers = ours_tiny.config.text.num_hidden_layers
@@ -240,6 +245,7 @@ def test_compile_attend_makes_each_decode_steps_attention_one_kernel_call(tiny_c
     assert calls == 5 * [(1, ptr) for ptr in buffers]  # 5 decode steps after the prefill's token, each layer's own
     # the (padded batch's eager) prefill, every layer, when asked for
     assert qk_calls == (layers * [prompt.input_ids.shape[1]] if prefill_qk else [])
+    assert vision_calls == (ours_tiny.config.vision.depth * [4 * 4] if prefill_qk else [])  # one image of 4x4 patches
 
 
 def test_compile_prefill_qk_needs_the_attention_kernels(tiny_checkpoint):
