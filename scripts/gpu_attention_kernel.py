@@ -4,6 +4,8 @@ captured in one CUDA graph (each layer its own cache, as in the model), interlea
 
 A diagnostic for choosing the kernel's form, cheaper than a model's compile: the weights' reads between layers
 are absent here, so the caches may stay in L2 and the times are the attention's latency, not the step's.
+Then the prompt's kernels (``compile[prefill_qk=true]``) the same way: a 2b prompt's q/k norms and rotary for
+every text layer, and the ViT's q/k rotary for every ViT layer, against the eager ops they replace.
 
     python scripts/gpu_attention_kernel.py [--dtype bf16] [--rounds 3] [--tiles 16,32,64]
 """
@@ -40,6 +42,59 @@ def layer_inputs(heads, kv_heads, d, capacity, position, dtype, seed):
                 cos=angles.cos().to(dtype), sin=angles.sin().to(dtype), keys=draw(1, kv_heads, capacity, d),
                 values=draw(1, kv_heads, capacity, d), position=torch.tensor([position], device="cuda"),
                 valid=valid, scale=d**-0.5, heads=heads, kv_heads=kv_heads)
+
+
+PROMPT_SHAPES = {  # name: (text rows, query heads, KV heads, head size, text layers, patches, ViT heads, ViT head size,
+    #                 ViT layers): the 2b benchmark's prompt (262 tokens padded to 320, one 448x448 image)
+    "2b prompt": (320, 16, 8, 128, 28, 1024, 16, 64, 24),
+}
+
+
+def prompt_inputs(n, heads, kv_heads, d, patches, vit_heads, vit_d, dtype, seed):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+
+    def draw(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=gen, device="cuda")).to(dtype)
+
+    q, k, _ = draw(1, n, (heads + 2 * kv_heads) * d, scale=3.0).split([heads * d, kv_heads * d, kv_heads * d], -1)
+    angles = torch.rand(1, 1, n, d // 2, generator=gen, device="cuda") * 100
+    angles = torch.cat([angles, angles], dim=-1)
+    text = dict(q=q, k=k, q_norm=1 + 0.5 * draw(d), k_norm=1 + 0.5 * draw(d), eps=1e-6, cos=angles.cos().to(dtype),
+                sin=angles.sin().to(dtype), heads=heads, kv_heads=kv_heads)
+    vq, vk, _ = draw(patches, 3, vit_heads, vit_d, scale=3.0).unbind(1)
+    vit_angles = torch.rand(patches, 1, vit_d // 2, generator=gen, device="cuda") * 50
+    vit_angles = torch.cat([vit_angles, vit_angles], dim=-1)
+    return text, dict(q=vq, k=vk, cos=vit_angles.cos(), sin=vit_angles.sin())
+
+
+def time_forms(forms: dict, steps: list[dict], rounds: int, replays: int) -> dict:
+    """Median microseconds per layer of each form over ``steps`` (one layer's inputs each), captured in one
+    graph per form, rounds interleaved (order rotated). The inputs outlive the graphs: nothing here frees them."""
+    graphs = {form: capture_graph(lambda fn=fn: [fn(**x) for x in steps]) for form, fn in forms.items()}
+    times = {form: [] for form in forms}
+    for r in range(rounds):
+        for form in list(forms)[r % len(forms):] + list(forms)[: r % len(forms)]:
+            times[form].append(1000 * graph_replay_ms(graphs[form], replays) / len(steps))
+    return {form: sorted(samples)[len(samples) // 2] for form, samples in times.items()}
+
+
+def prompt_kernels(dtype, rounds: int, replays: int) -> None:
+    for name, (n, heads, kv_heads, d, layers, patches, vit_heads, vit_d, vit_layers) in PROMPT_SHAPES.items():
+        shape = (n, heads, kv_heads, d, patches, vit_heads, vit_d)
+        text, vit = prompt_inputs(*shape, torch.float32, 0)
+        err_text = max(rel(a, b) for a, b in zip(kernel.qk_norm_rotary(**text), kernel.qk_reference(**text),
+                                                 strict=True))
+        err_vit = max(rel(a, b) for a, b in zip(kernel.vision_rotary(**vit), kernel.vision_reference(**vit),
+                                                strict=True))
+        steps = [prompt_inputs(*shape, dtype, seed) for seed in range(max(layers, vit_layers))]
+        text_us = time_forms({"kernel": kernel.qk_norm_rotary, "eager": kernel.qk_reference},
+                             [text for text, _ in steps[:layers]], rounds, replays)
+        vit_us = time_forms({"kernel": kernel.vision_rotary, "eager": kernel.vision_reference},
+                            [vit for _, vit in steps[:vit_layers]], rounds, replays)
+        print(f"{name}: text q/k norm+rotary, {n} rows, {heads} / {kv_heads} heads of {d}: kernel "
+              f"{text_us['kernel']:.2f} us a layer, eager {text_us['eager']:.2f} (fp32 rel err {err_text:.1e}); "
+              f"ViT q/k rotary, {patches} patches, {vit_heads} heads of {vit_d}: kernel {vit_us['kernel']:.2f}, "
+              f"eager {vit_us['eager']:.2f} (fp32 rel err {err_vit:.1e})")
 
 
 def rel(a, b):
@@ -90,6 +145,7 @@ def main() -> int:
         for form, samples in times.items():
             print(f"  {form:12} {sorted(samples)[len(samples) // 2]:6.2f} us a layer  (samples "
                   f"{', '.join(f'{s:.2f}' for s in samples)})")
+    prompt_kernels(dtype, args.rounds, args.replays // 4)
     return 0
 
 
