@@ -67,15 +67,28 @@ def prompt_inputs(n, heads, kv_heads, d, patches, vit_heads, vit_d, dtype, seed)
     return text, dict(q=vq, k=vk, cos=vit_angles.cos(), sin=vit_angles.sin())
 
 
-def time_forms(forms: dict, steps: list[dict], rounds: int, replays: int) -> dict:
-    """Median microseconds per layer of each form over ``steps`` (one layer's inputs each), captured in one
-    graph per form, rounds interleaved (order rotated). The inputs outlive the graphs: nothing here frees them."""
-    graphs = {form: capture_graph(lambda fn=fn: [fn(**x) for x in steps]) for form, fn in forms.items()}
+def time_forms(forms: dict, steps: dict[str, list[dict]], rounds: int, replays: int) -> dict[str, list[float]]:
+    """Microseconds per layer of each form, one sample a round: the form's calls over its ``steps`` (one layer's
+    inputs each) captured in one graph, rounds interleaved (order rotated). ``steps`` outlives the graphs: a
+    capture empties the allocator's cache, so a graph whose buffers were freed would replay into unmapped memory
+    (an illegal address)."""
+    graphs = {form: capture_graph(lambda fn=fn, inputs=steps[form]: [fn(**x) for x in inputs])
+              for form, fn in forms.items()}
     times = {form: [] for form in forms}
     for r in range(rounds):
         for form in list(forms)[r % len(forms):] + list(forms)[: r % len(forms)]:
-            times[form].append(1000 * graph_replay_ms(graphs[form], replays) / len(steps))
-    return {form: sorted(samples)[len(samples) // 2] for form, samples in times.items()}
+            times[form].append(1000 * graph_replay_ms(graphs[form], replays) / len(steps[form]))
+    return times
+
+
+def median(samples: list[float]) -> float:
+    return sorted(samples)[len(samples) // 2]
+
+
+def medians(forms: dict, steps: list[dict], rounds: int, replays: int) -> dict[str, float]:
+    """``time_forms``' median per form, every form over the same ``steps`` (forms that write nothing)."""
+    return {form: median(samples) for form, samples in time_forms(forms, dict.fromkeys(forms, steps), rounds,
+                                                                   replays).items()}
 
 
 def prompt_kernels(dtype, rounds: int, replays: int) -> None:
@@ -87,10 +100,9 @@ def prompt_kernels(dtype, rounds: int, replays: int) -> None:
         err_vit = max(rel(a, b) for a, b in zip(kernel.vision_rotary(**vit), kernel.vision_reference(**vit),
                                                 strict=True))
         steps = [prompt_inputs(*shape, dtype, seed) for seed in range(max(layers, vit_layers))]
-        text_us = time_forms({"kernel": kernel.qk_norm_rotary, "eager": kernel.qk_reference},
-                             [text for text, _ in steps[:layers]], rounds, replays)
-        vit_us = time_forms({"kernel": kernel.vision_rotary, "eager": kernel.vision_reference},
-                            [vit for _, vit in steps[:vit_layers]], rounds, replays)
+        texts, vits = [text for text, _ in steps[:layers]], [vit for _, vit in steps[:vit_layers]]
+        text_us = medians({"kernel": kernel.qk_norm_rotary, "eager": kernel.qk_reference}, texts, rounds, replays)
+        vit_us = medians({"kernel": kernel.vision_rotary, "eager": kernel.vision_reference}, vits, rounds, replays)
         print(f"{name}: text q/k norm+rotary, {n} rows, {heads} / {kv_heads} heads of {d}: kernel "
               f"{text_us['kernel']:.2f} us a layer, eager {text_us['eager']:.2f} (fp32 rel err {err_text:.1e}); "
               f"ViT q/k rotary, {patches} patches, {vit_heads} heads of {vit_d}: kernel {vit_us['kernel']:.2f}, "
@@ -129,21 +141,13 @@ def main() -> int:
         want = kernel.reference(**one)
         err32 = rel(got, want)
         steps = [layer_inputs(heads, kv_heads, d, capacity, position, dtype, seed) for seed in range(layers)]
-        graphs, caches = {}, {}
-        for form, fn in forms.items():
-            # each form's caches live as long as its graph: a capture empties the allocator's cache, so a
-            # graph whose buffers were freed would replay into unmapped memory (an illegal address)
-            caches[form] = inputs = [{**x, "keys": x["keys"].clone(), "values": x["values"].clone()} for x in steps]
-            graphs[form] = capture_graph(lambda fn=fn, inputs=inputs: [fn(**x) for x in inputs])
-        times = {form: [] for form in forms}
-        for r in range(args.rounds):
-            order = list(forms)[r % len(forms):] + list(forms)[: r % len(forms)]
-            for form in order:
-                times[form].append(1000 * graph_replay_ms(graphs[form], args.replays) / layers)
+        caches = {form: [{**x, "keys": x["keys"].clone(), "values": x["values"].clone()} for x in steps]
+                  for form in forms}  # each form writes its own
+        times = time_forms(forms, caches, args.rounds, args.replays)
         print(f"{name}: {heads} heads / {kv_heads} KV of {d}, cache {capacity}, position {position}; "
               f"fp32 kernels vs eager rel err {err32:.1e}")
         for form, samples in times.items():
-            print(f"  {form:12} {sorted(samples)[len(samples) // 2]:6.2f} us a layer  (samples "
+            print(f"  {form:12} {median(samples):6.2f} us a layer  (samples "
                   f"{', '.join(f'{s:.2f}' for s in samples)})")
     prompt_kernels(dtype, args.rounds, args.replays // 4)
     return 0
