@@ -284,8 +284,10 @@ def qk_reference(q, k, q_norm, k_norm, eps, cos, sin, heads, kv_heads):
 def qk_fits(q, k, cos, sin, head_dim: int) -> bool:
     """Whether ``qk_norm_rotary`` takes these: rows with a contiguous last dimension, one dtype, and cos/sin
     [b, 1, n, d] of one layout (what the text decoder passes)."""
+    if q.dim() != 3 or k.dim() != 3:
+        return False
     b, n = q.shape[0], q.shape[1]
-    return (fits(head_dim) and q.dim() == 3 and k.shape[:2] == (b, n) and q.stride(-1) == 1 and k.stride(-1) == 1
+    return (fits(head_dim) and k.shape[:2] == (b, n) and q.stride(-1) == 1 and k.stride(-1) == 1
             and q.dtype == k.dtype == cos.dtype == sin.dtype and cos.shape == sin.shape == (b, 1, n, head_dim)
             and cos.stride() == sin.stride() and cos.stride(-1) == 1)
 
