@@ -76,7 +76,8 @@ class Engine:
 
 def not_as_planned(model) -> str | None:
     """Why our model did not run as its plan says, though it produced tokens: its decode step or a prompt's
-    prefill could not be captured and ran eagerly instead (``describe()`` keeps the cause). Its times are then
+    prefill could not be captured and ran eagerly instead (``describe()`` keeps the cause), or the prompt's q/k
+    kernels were asked for and inputs they do not fit ran the plain ops. Its times are then
     the fallback's, not the option's, so the bench stores them as a failure of the option. ``model`` is None for
     other projects' engines."""
     if model is None:
@@ -87,6 +88,9 @@ def not_as_planned(model) -> str | None:
     failed = info.get("prefill", {}).get("capture_errors")
     if failed:
         return f"{info['option']}: a prefill was not captured and ran eagerly: {failed[0]}"
+    unfit = info.get("prefill_qk", {}).get("unfit_calls")
+    if unfit:
+        return f"{info['option']}: prefill_qk's kernels did not take {unfit} call(s), which ran the plain ops"
     return None
 
 

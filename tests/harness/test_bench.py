@@ -101,6 +101,17 @@ def test_an_engine_whose_capture_failed_is_stored_as_failed_not_as_the_options_s
     assert "the decode step was not captured" in capsys.readouterr().out
 
 
+def test_prompt_kernels_that_did_not_take_their_inputs_make_the_engine_not_as_planned():
+    from types import SimpleNamespace
+
+    def model(info):
+        return SimpleNamespace(execution=SimpleNamespace(describe=lambda: {"option": "compile", **info}))
+
+    assert bench.not_as_planned(model({"prefill_qk": {"layers": 4, "unfit_calls": 0}})) is None
+    assert bench.not_as_planned(model({"prefill_qk": {"layers": 4, "unfit_calls": 2}})) == (
+        "compile: prefill_qk's kernels did not take 2 call(s), which ran the plain ops")
+
+
 @pytest.mark.parametrize("stuck", [False, True])
 def test_exit_within_ends_a_stuck_teardown_with_its_stacks(stuck):
     # a planted teardown that sleeps past the grace: the process ends early, status 1, the hanging frame printed

@@ -81,6 +81,7 @@ class KernelAttention(TextAttention):
     kernels (about 1700 launches against about 2 ms of arithmetic)."""
 
     prefill_qk = False  # set per layer by ``use_decode_attention``
+    qk_unfit = 0  # calls the q/k kernel did not take (they ran the plain ops): counted in ``describe()``
 
     def attend(self, q, k, v, cos, sin, mask, cache, attention) -> torch.Tensor:
         if q.shape[1] != 1 or not getattr(cache, "graph_mode", False):
@@ -91,7 +92,10 @@ class KernelAttention(TextAttention):
                                 keys.shape[1])
 
     def position(self, q, k, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
-        if not (self.prefill_qk and qk_fits(q, k, cos, sin, self.head_dim)):
+        if not self.prefill_qk:
+            return super().position(q, k, cos, sin)
+        if not qk_fits(q, k, cos, sin, self.head_dim):
+            self.qk_unfit += 1
             return super().position(q, k, cos, sin)
         return qk_norm_rotary(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, cos, sin,
                               q.shape[-1] // self.head_dim, k.shape[-1] // self.head_dim)
@@ -100,8 +104,12 @@ class KernelAttention(TextAttention):
 class KernelVisionAttention(VisionAttention):
     """The ViT attention with its q/k rotary in one Triton kernel (``vision_rotary``) where the inputs fit."""
 
+    prefill_qk = True
+    qk_unfit = 0  # as ``KernelAttention``'s
+
     def position(self, q, k, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
         if not vision_fits(q, k, cos, sin):
+            self.qk_unfit += 1
             return super().position(q, k, cos, sin)
         return vision_rotary(q, k, cos, sin)
 
@@ -127,6 +135,13 @@ def use_decode_attention(model, prefill_qk: bool = False) -> int:
             if type(block.attn) is VisionAttention:
                 block.attn.__class__ = KernelVisionAttention
     return swapped
+
+
+def prefill_qk_state(modules) -> dict:
+    """Of ``modules`` (a model's), how many run the prompt's q/k kernels (text and ViT layers), and how many of
+    their calls the kernels did not take (inputs they do not fit: the plain ops ran instead)."""
+    kernels = [m for m in modules if getattr(m, "prefill_qk", False)]
+    return {"layers": len(kernels), "unfit_calls": sum(m.qk_unfit for m in kernels)}
 
 
 def _foldable(layer) -> bool:
@@ -177,12 +192,13 @@ class CompiledExecution(CudaGraphExecution):
         self.folded_layers = sum(type(layer) is GemvDecoderLayer for layer in model.language_model.layers)
         # after folding: it checks the attention's type
         self.attention_kernel_layers = use_decode_attention(model, prefill_qk) if attend else 0
-        self.prefill_qk = prefill_qk
+        self.attentions = [*(layer.self_attn for layer in model.language_model.layers),
+                           *(block.attn for block in model.visual.blocks)]  # for describe()
 
     def describe(self) -> dict:
         return {**super().describe(), "gemv_layers": self.gemv_layers, "folded_layers": self.folded_layers,
                 "attention_kernel_layers": self.attention_kernel_layers,
-                "prefill_qk_layers": self.attention_kernel_layers if self.prefill_qk else 0}
+                "prefill_qk": prefill_qk_state(self.attentions)}
 
 
 OPTION = Optimization(

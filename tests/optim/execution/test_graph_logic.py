@@ -13,6 +13,7 @@ import torch._dynamo
 
 import qwen3_vl
 from harness.workload import PromptSpec, RowSpec, build_prompt, generate
+from qwen3_vl.model.text import TextAttention
 from qwen3_vl.optim.execution import cuda_graph
 from qwen3_vl.optim.execution.cuda_graph import CudaGraphExecution
 from qwen3_vl.optim.execution.fusion import FusedTextAttention, FusedTextMLP
@@ -246,6 +247,26 @@ def test_compile_attend_makes_each_decode_steps_attention_one_kernel_call(tiny_c
     # the (padded batch's eager) prefill, every layer, when asked for
     assert qk_calls == (layers * [prompt.input_ids.shape[1]] if prefill_qk else [])
     assert vision_calls == (ours_tiny.config.vision.depth * [4 * 4] if prefill_qk else [])  # one image of 4x4 patches
+    expected_layers = layers + ours_tiny.config.vision.depth if prefill_qk else 0
+    assert compile_option.prefill_qk_state(model.modules()) == {"layers": expected_layers, "unfit_calls": 0}
+
+
+def test_prefill_qk_counts_the_calls_its_kernels_do_not_take(tiny_checkpoint, ours_tiny, monkeypatch):
+    """Inputs a prompt kernel does not fit (here cos/sin in another dtype than q and k) run the plain ops, with the
+    reference's result, and are counted in ``prefill_qk_state`` (``describe()``), not passed over in silence."""
+    from qwen3_vl.optim.execution import compile as compile_option
+
+    monkeypatch.setattr(compile_option, "qk_norm_rotary", None)  # never reached: the inputs do not fit
+    model = qwen3_vl.from_pretrained(tiny_checkpoint)
+    compile_option.use_decode_attention(model, prefill_qk=True)
+    attn = model.language_model.layers[0].self_attn
+    heads, kv_heads, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    q, k = torch.randn(1, 5, heads * d), torch.randn(1, 5, kv_heads * d)
+    cos, sin = torch.rand(1, 1, 5, d, dtype=torch.float64), torch.rand(1, 1, 5, d, dtype=torch.float64)
+    got = attn.position(q, k, cos, sin)
+    want = TextAttention.position(attn, q, k, cos, sin)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert compile_option.prefill_qk_state(model.modules())["unfit_calls"] == 1
 
 
 def test_compile_prefill_qk_needs_the_attention_kernels(tiny_checkpoint):
