@@ -61,7 +61,7 @@ def splits(cache_len: int) -> tuple[int, int]:
 def _kernels():
     # Built on first use: Triton reads TRITON_INTERPRET when a kernel is defined. The helpers are bound at module
     # level because Triton resolves a kernel's callees through its globals (its interpreter drops closures).
-    global _norm_rotary, _load_tile, _fold_tile
+    global _norm_rotary, _rotate_row, _load_tile, _fold_tile
     import triton
     import triton.language as tl
 
@@ -79,6 +79,14 @@ def _kernels():
                    * (x_other * rstd).to(dtype).to(tl.float32)).to(dtype)
         rotated = tl.where(d < D // 2, -x_other.to(tl.float32), x_other.to(tl.float32))
         return (x.to(tl.float32) * cos + rotated * sin).to(dtype).to(tl.float32)
+
+    @triton.jit
+    def _rotate_row(x_ptr, cos, sin, D: tl.constexpr):
+        # x*cos + rotate_half(x)*sin of one stored row, in fp32 (rotate_half reads the other half, negated first)
+        d = tl.arange(0, D)
+        x = tl.load(x_ptr + d).to(tl.float32)
+        x_other = tl.load(x_ptr + (d + D // 2) % D).to(tl.float32)
+        return x * cos + tl.where(d < D // 2, -x_other, x_other) * sin
 
     @triton.jit
     def _load_tile(keys_ptr, values_ptr, valid_ptr, cache, start, end, stride_cache_t, D: tl.constexpr,
@@ -206,24 +214,14 @@ def _kernels():
         s = tl.program_id(0)
         head = tl.program_id(1)
         d = tl.arange(0, D)
-        other = (d + D // 2) % D
         cos = tl.load(cos_ptr + s * stride_c + d).to(tl.float32)
         sin = tl.load(sin_ptr + s * stride_c + d).to(tl.float32)
-        is_q = head < HEADS
-        h = tl.where(is_q, head, head - HEADS)
-        src = tl.where(is_q, s * stride_q, s * stride_k) + h * D
-        if is_q:
-            x = tl.load(q_ptr + src + d).to(tl.float32)
-            x_other = tl.load(q_ptr + src + other).to(tl.float32)
+        if head < HEADS:
+            x = _rotate_row(q_ptr + s * stride_q + head * D, cos, sin, D)
+            tl.store(q_out_ptr + (s * HEADS + head) * D + d, x.to(q_out_ptr.dtype.element_ty))
         else:
-            x = tl.load(k_ptr + src + d).to(tl.float32)
-            x_other = tl.load(k_ptr + src + other).to(tl.float32)
-        rotated = x * cos + tl.where(d < D // 2, -x_other, x_other) * sin
-        dst = (s * HEADS + h) * D + d
-        if is_q:
-            tl.store(q_out_ptr + dst, rotated.to(q_out_ptr.dtype.element_ty))
-        else:
-            tl.store(k_out_ptr + dst, rotated.to(k_out_ptr.dtype.element_ty))
+            x = _rotate_row(k_ptr + s * stride_k + (head - HEADS) * D, cos, sin, D)
+            tl.store(k_out_ptr + (s * HEADS + head - HEADS) * D + d, x.to(k_out_ptr.dtype.element_ty))
 
     return decode_attention_split_kernel, decode_attention_combine_kernel, qk_norm_rotary_kernel, vision_rotary_kernel
 
