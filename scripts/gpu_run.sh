@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything this project checks and times on a GPU, in stages, for the device tool:
 #   bash scripts/gpu_run.sh STAGE [STAGE ...]     (stages: setup exact exact-attend bench2b bench8b attention
-#                                                  ttft2b decode2b ttft2b-prefill ttft2b-qk attention-pascal memory pascal
+#                                                  ttft2b decode2b ttft2b-prefill ttft2b-qk exact-prefill attention-pascal memory pascal
 #                                                  prefill-profile decode-profile decode-profile-8b attention-kernel gemv-forms
 #                                                  vision harness)
 # Results go to a results store under $OUT (packed as one tarball, since few files come back),
@@ -65,10 +65,14 @@ for s in "$@"; do
                       --results-dir "$RES" \
                       --plan attention=sdpa,kv_cache=static,execution=compile \
                       --plan "attention=sdpa,kv_cache=static,execution=compile[prefill_compile=true]" ;;
-    ttft2b-qk) stage ttft2b-qk 300 python -m harness.bench --preset 2b --device cuda --dtype bf16 \
+    ttft2b-qk) stage ttft2b-qk 400 python -m harness.bench --preset 2b --device cuda --dtype bf16 \
                  --compare transformers --transformers-paths sdpa --rounds 3 --new-tokens 32 --results-dir "$RES" \
                  --plan attention=sdpa,kv_cache=static,execution=compile \
-                 --plan "attention=sdpa,kv_cache=static,execution=compile[prefill_qk=true]" ;;
+                 --plan "attention=sdpa,kv_cache=static,execution=compile[prefill_qk=true]" \
+                 --plan "attention=sdpa,kv_cache=static,execution=compile[prefill_compile=true]" ;;
+    exact-prefill) stage exact-prefill 150 python scripts/gpu_exactness.py \
+                     --plan "attention=sdpa,kv_cache=static,execution=compile[prefill_qk=true]" \
+                     --plan "attention=sdpa,kv_cache=static,execution=compile[prefill_compile=true]" ;;
     bench8b) stage bench8b 330 python -m harness.bench --preset 8b --device cuda --dtype bf16 --compare transformers \
                --transformers-paths static --rounds 2 --new-tokens 64 --results-dir "$RES" \
                --plan attention=sdpa,kv_cache=static,execution=compile \

@@ -65,7 +65,12 @@ class TextAttention(nn.Module):
         """From the projections [b, n, heads * d] to the attention output [b, n, heads * d], before ``o_proj``."""
         b, n, _ = q.shape
         q, k = self.position(q, k, cos, sin)
-        v = v.view(b, n, -1, self.head_dim).transpose(1, 2)
+        return self.cached_attention(q, k, v.view(b, n, -1, self.head_dim).transpose(1, 2), mask, cache, attention)
+
+    def cached_attention(self, q, k, v, mask: AttentionMask, cache, attention) -> torch.Tensor:
+        """The new keys and values into ``cache`` (when there is one), then the attention: [b, heads, n, d] each
+        to [b, n, heads * d]."""
+        b, _, n, _ = q.shape
         if cache is not None:
             k, v, key_valid = cache.update(self.layer_idx, k, v)
             mask = AttentionMask(key_valid, mask.causal)

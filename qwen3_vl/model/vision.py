@@ -64,8 +64,11 @@ class VisionAttention(nn.Module):
         s = x.shape[0]
         q, k, v = self.qkv(x).view(s, 3, self.num_heads, self.head_dim).unbind(1)
         q, k = self.position(q, k, cos, sin)
-        out = attention.vision(q, k, v, cu_seqlens, self.head_dim**-0.5)
-        return self.proj(out.reshape(s, -1))
+        return self.proj(self.segment_attention(q, k, v, cu_seqlens, attention).reshape(s, -1))
+
+    def segment_attention(self, q, k, v, cu_seqlens, attention) -> torch.Tensor:
+        """Each image's or frame's patches (bounded by ``cu_seqlens``, on the host) attend among themselves."""
+        return attention.vision(q, k, v, cu_seqlens, self.head_dim**-0.5)
 
     def position(self, q, k, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
         """The 2D rotary of q and k [s, heads, d], in fp32 whatever the activation dtype."""

@@ -5,10 +5,11 @@ Triton GEMV (``qwen3_vl/kernels/triton_gemv.py``) instead of cuBLAS's; any produ
 prefill) stays cuBLAS's. With ``fold=True`` each layer's one-row call is ``GemvDecoderLayer``'s: its RMSNorms,
 residual adds and SiLU gate ride in the GEMVs' prologues and epilogue, which removes about three of Inductor's
 small kernels a layer (off by default: no gain measured on an H100). With ``prefill_compile=True`` the captured
-prefill is compiled too (``prefill_graph.py``; off by default: on an H100 it cut the 2b TTFT from 10.7 to 6.8 ms,
-but each new prompt shape costs a compile of about 20 s). With ``attend=True`` (the default) each layer's
-one-query attention against the graph cache (q/k RMSNorm, M-RoPE, the cache write, scores, softmax, values: six
-launches) is two Triton kernels, a split over the cached positions and a combine
+prefill's text layers and ViT blocks are compiled too, one compiled code per kind of layer (``prefill_graph.py``'s
+``LayerRegions``; off by default until measured: compiling the whole prefill instead cut the 2b TTFT from 10.7 to
+6.8 ms on an H100, but cost a compile of about 20 s for each new prompt shape). With ``attend=True`` (the default)
+each layer's one-query attention against the graph cache (q/k RMSNorm, M-RoPE, the cache write, scores, softmax,
+values: six launches) is two Triton kernels, a split over the cached positions and a combine
 (``qwen3_vl/kernels/triton_decode_attention.py``): on an H100, 6.3 instead of 16.8 us a layer at the 2b
 benchmark's cache, 1.78 instead of 2.12 ms per 2b token and 6.39 instead of 6.61 per 8b token. With
 ``prefill_qk=True`` (needs ``attend``) the prefill's q/k RMSNorms and M-RoPE are one Triton kernel a layer instead
@@ -177,6 +178,9 @@ class CompiledExecution(CudaGraphExecution):
 
         if prefill_qk and not attend:
             raise ValueError("compile's prefill_qk=true is part of the attention kernels: it needs attend=true")
+        if prefill_qk and prefill_compile:
+            raise ValueError("compile's prefill_qk=true and prefill_compile=true are two ways to fuse the prefill's "
+                             "q/k norms and rotary (our kernels, or Inductor's): choose one")
         if fold and not (gemv and fuse):
             raise ValueError("compile's fold=true folds the norms and residual adds into the GEMV of the fused "
                              "projections: it needs gemv=true and fuse=true")
@@ -210,8 +214,9 @@ OPTION = Optimization(
         "replayed as a CUDA graph, with fused projections, one-row products of matrices with a side under 4096 "
         "(2b-class) through our Triton GEMV (gemv=false: cuBLAS's; fold=true: each layer's norms, residual adds and "
         "SiLU gate folded into its GEMVs), greedy tokens chosen inside the graph "
-        "(host_choice=true: by the host) and cuda_graph's captured prefill (prefill_compile=true: compiled before "
-        "its capture, once per prompt shape); each layer's one-query attention (q/k norms, rotary, cache write, "
+        "(host_choice=true: by the host) and cuda_graph's captured prefill (prefill_compile=true: its text layers "
+        "and ViT blocks compiled before the capture, one compiled code for all layers of a kind); each layer's "
+        "one-query attention (q/k norms, rotary, cache write, "
         "softmax attention) our Triton split-and-combine kernels (attend=false: Inductor's kernels; prefill_qk=true: "
         "the prefill's q/k norms and rotary, the ViT's included, one Triton kernel a layer, not yet measured); needs "
         "Triton, "

@@ -13,9 +13,8 @@ them; the kernels may round differently for the longer length), and the cache is
 decoding overwrites the padded keys and never attends to them. The first prompt of a key runs once eagerly (the
 kernels are chosen), is captured, then replayed; the next prompts of that key are replays. At most ``capacity``
 graphs are kept (least recently used dropped), sharing one memory pool. With ``compile`` (``compile``'s
-``prefill_compile=true``) each shape's prefill is compiled by torch.compile before its capture: Inductor fuses
-the vision tower's and the text layers' elementwise work, at a compile per new prompt shape (the ViT's segment
-bounds are host values, read in each layer, so the trace breaks there).
+``prefill_compile=true``) the text decoder layers and the ViT blocks run compiled by torch.compile before the
+capture (``LayerRegions``): Inductor fuses their norms, rotary, activations and residual adds.
 
 What is not captured takes the reference prefill, and why is counted in ``describe()``: a vision option other
 than ``full`` (``conditional`` decides per request whether the ViT runs), a padded batch, a cache that already
@@ -25,13 +24,60 @@ holds tokens, or a capture that failed (its error is kept).
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
+from contextlib import contextmanager
+from types import MethodType
 
 import torch
 
 from qwen3_vl.generate import Prompt
 from qwen3_vl.model.qwen3_vl import visual_inputs
-from qwen3_vl.model.text import AttentionMask
+from qwen3_vl.model.text import AttentionMask, DecoderLayer
+from qwen3_vl.model.vision import VisionBlock
 from qwen3_vl.optim.plan import failure_text
+
+
+@torch.compiler.disable
+def _text_attention_eagerly(attn, q, k, v, mask, cache, attention) -> torch.Tensor:
+    return type(attn).cached_attention(attn, q, k, v, mask, cache, attention)
+
+
+@torch.compiler.disable
+def _vision_attention_eagerly(attn, q, k, v, cu_seqlens, attention) -> torch.Tensor:
+    return type(attn).segment_attention(attn, q, k, v, cu_seqlens, attention)
+
+
+class LayerRegions:
+    """The prefill's text decoder layers and ViT blocks compiled by torch.compile, one compiled code for all
+    layers of a kind ("regional" compilation: their code and shapes are the same, their weights are inputs).
+
+    Why not the whole prefill: compiled whole, each new prompt shape cost a compile of about 20 s on an H100.
+    A layer's cache write and attention stay out of the trace (run eagerly between its compiled pieces): the
+    write reads the layer's index and the ViT's attention its host segment bounds, either of which would make
+    every layer a compile of its own. ``dynamic=None``: the first prompt shape compiles kernels for its sizes,
+    the second kernels for any size, and later shapes compile nothing."""
+
+    def __init__(self) -> None:
+        self.text = torch.compile(DecoderLayer.forward, dynamic=None)
+        self.vision = torch.compile(VisionBlock.forward, dynamic=None)
+
+    @contextmanager
+    def active(self, model):
+        """Within: the model's layers and blocks run their compiled code (set on the instances, so nothing
+        outside, a decode step's own compile included, sees it)."""
+        patched = []
+        try:
+            for layer in model.language_model.layers:
+                layer.forward = MethodType(self.text, layer)
+                layer.self_attn.cached_attention = MethodType(_text_attention_eagerly, layer.self_attn)
+                patched += [(layer, "forward"), (layer.self_attn, "cached_attention")]
+            for block in model.visual.blocks:
+                block.forward = MethodType(self.vision, block)
+                block.attn.segment_attention = MethodType(_vision_attention_eagerly, block.attn)
+                patched += [(block, "forward"), (block.attn, "segment_attention")]
+            yield
+        finally:
+            for module, name in patched:
+                delattr(module, name)
 
 
 class _Entry:
@@ -85,6 +131,7 @@ class PrefillGraphs:
         self.cache = None  # the cache the graphs write: a new one makes them stale
         self.pool = None
         self.counts: Counter[str] = Counter()  # captured, replayed, and each reason a prefill was not
+        self.regions = LayerRegions() if compile else None
 
     def clear(self) -> None:
         self.entries.clear()
@@ -145,12 +192,16 @@ class PrefillGraphs:
         def forward(inputs):
             return self._forward(model, cache, inputs, grids, length)
 
+        def compiled_forward(inputs):
+            with self.regions.active(model):
+                return self._forward(model, cache, inputs, grids, length)
+
         def reset():
             cache.seen_tokens = 0
 
         first = None
         if self.compile:  # one eager run first (options choose their kernels outside the trace), then Inductor's
-            first, forward = forward, torch.compile(forward, dynamic=False)
+            first, forward = forward, compiled_forward
 
         capture = self.capture and key not in self.failed
         if capture and self.pool is None:

@@ -7,6 +7,8 @@ mask, fused projections, on-device token choice and the batched end-token check.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch._dynamo
@@ -275,6 +277,8 @@ def test_compile_prefill_qk_needs_the_attention_kernels(tiny_checkpoint):
     model = qwen3_vl.from_pretrained(tiny_checkpoint)
     with pytest.raises(ValueError, match=r"prefill_qk=true .* needs attend=true"):
         CompiledExecution(model, Target("cpu"), attend=False, prefill_qk=True)
+    with pytest.raises(ValueError, match=r"prefill_qk=true and prefill_compile=true .* choose one"):
+        CompiledExecution(model, Target("cpu"), prefill_qk=True, prefill_compile=True)
 
 
 def test_compile_fold_needs_the_gemv_and_fused_projections(tiny_checkpoint):
@@ -286,23 +290,50 @@ def test_compile_fold_needs_the_gemv_and_fused_projections(tiny_checkpoint):
             CompiledExecution(model, Target("cpu"), fold=True, **kwargs)
 
 
-def test_a_compiled_prefill_keeps_the_reference_tokens_and_logits(tiny_checkpoint, ours_tiny):
-    """``compile[prefill_compile=true]``'s prefill: each prompt shape compiled by torch.compile (Inductor's CPU
-    backend here) after one eager run; an image prompt's greedy tokens are the reference's, its logits within
-    1e-5, and a second prompt of the same shape reuses the entry."""
+def test_a_compiled_prefill_keeps_the_reference_tokens_and_compiles_each_layer_kind_once(tiny_checkpoint, ours_tiny):
+    """``compile[prefill_compile=true]``'s prefill: the text layers and ViT blocks compiled by torch.compile
+    (Inductor's CPU backend here) after one eager run of each shape. Image prompts of three shapes keep the
+    reference's greedy tokens and logits within 1e-5; a second prompt of a shape reuses its entry; the layers share
+    one compiled code, the second shape compiles sizes-generic code and the third compiles nothing; the instances
+    keep no compiled code afterwards."""
     model = qwen3_vl.from_pretrained(tiny_checkpoint, plan="attention=sdpa")
     model.execution = CudaGraphExecution(model, Target("cpu"), capture=False, bucket=16, prefill_compile=True)
     counters = torch._dynamo.utils.counters
     counters.clear()
-    for seed in (5, 6):  # the same shape, other ids and pixels
-        prompt = build_prompt(ours_tiny.config, PromptSpec((RowSpec(3, (4, 4), 2),), seed=seed))
+    traced = []
+    for seed, row in ((5, RowSpec(3, (4, 4), 2)), (6, RowSpec(3, (4, 4), 2)), (7, RowSpec(9, (6, 4), 5)),
+                      (8, RowSpec(20, (4, 8), 7))):
+        prompt = build_prompt(ours_tiny.config, PromptSpec((row,), seed=seed))
         tokens, logits, _ = generate(model, prompt, 4)
         ref_tokens, ref_logits, _ = generate(ours_tiny, prompt, 4)
         assert torch.equal(tokens, ref_tokens)
         assert relative_error(logits, ref_logits) <= 1e-5
+        traced.append((counters["frames"]["ok"], max(counters["resumes"].values(), default=0)))
     prefill = model.execution.describe()["prefill"]
-    assert prefill["compiled"] and prefill["shapes"] == 1 and prefill["counts"] == {"run": 2}
-    assert counters["stats"]["unique_graphs"] > 0  # Inductor compiled it (the decode step is not compiled here)
+    assert prefill["compiled"] and prefill["counts"] == {"run": 4}
+    # Each piece after a graph break (the eager attention) is a resume function: traced once per compile, not
+    # once per layer (tiny: 4 text layers, 3 ViT blocks).
+    assert traced[0][0] > 0 and traced[0][1] == 1
+    assert traced[1] == traced[0]  # the same shape again
+    assert traced[3] == traced[2] and traced[2][1] == 2  # the second shape compiled for any size, the third nothing
+    assert not any("forward" in vars(m) for m in [*model.language_model.layers, *model.visual.blocks])
+
+
+def test_a_compiled_prefill_traces_as_much_for_a_deeper_model(ours_tiny):
+    """Regional compilation's point: what is traced does not grow with depth (a per-layer compile, e.g. one
+    specialised on each layer's cache index, would trace every layer again)."""
+    def traced(config):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        model = qwen3_vl.build(config, None, plan="attention=sdpa", seed=3)
+        model.execution = CudaGraphExecution(model, Target("cpu"), capture=False, bucket=16, prefill_compile=True)
+        generate(model, build_prompt(config, PromptSpec((RowSpec(3, (4, 4), 2),), seed=5)), 2)
+        return dict(torch._dynamo.utils.counters["frames"])
+
+    config = ours_tiny.config
+    deeper = config.replace(text=dataclasses.replace(config.text, num_hidden_layers=2 * config.text.num_hidden_layers),
+                            vision=dataclasses.replace(config.vision, depth=2 * config.vision.depth))
+    assert traced(config) == traced(deeper)
 
 
 def test_a_failed_capture_decodes_eagerly_and_keeps_the_cause(tiny_checkpoint, ours_tiny, monkeypatch):
