@@ -57,14 +57,23 @@ class LayerRegions:
     the second kernels for any size, and later shapes compile nothing."""
 
     def __init__(self) -> None:
+        import torch._dynamo
+
+        if torch.__version__ < (2, 5):  # from 2.5 on always so: module weights are graph inputs, not per-layer guards
+            torch._dynamo.config.inline_inbuilt_nn_modules = True
         self.text = torch.compile(DecoderLayer.forward, dynamic=None)
         self.vision = torch.compile(VisionBlock.forward, dynamic=None)
 
     @contextmanager
     def active(self, model):
         """Within: the model's layers and blocks run their compiled code (set on the instances, so nothing
-        outside, a decode step's own compile included, sees it)."""
+        outside, a decode step's own compile included, sees it). A frame that would need more compiles than
+        dynamo allows raises instead of running eagerly unnoticed (the prefill then records why)."""
+        import torch._dynamo
+
         patched = []
+        strict = {"fail_on_recompile_limit_hit": True} if hasattr(torch._dynamo.config,
+                                                                  "fail_on_recompile_limit_hit") else {}
         try:
             for layer in model.language_model.layers:
                 layer.forward = MethodType(self.text, layer)
@@ -74,7 +83,8 @@ class LayerRegions:
                 block.forward = MethodType(self.vision, block)
                 block.attn.segment_attention = MethodType(_vision_attention_eagerly, block.attn)
                 patched += [(block, "forward"), (block.attn, "segment_attention")]
-            yield
+            with torch._dynamo.config.patch(**strict):
+                yield
         finally:
             for module, name in patched:
                 delattr(module, name)
@@ -92,6 +102,9 @@ class _Entry:
         if first is not None:  # an eager run before ``forward`` (a compiled one) is first called
             first(self.static)
             reset()
+            if not capture:  # compiled here, so that a compile error is the constructor's (as a capture's is)
+                forward(self.static)
+                reset()
         if not capture:
             return
         # Warm up on a side stream (kernels chosen, cache buffers allocated), then capture.
@@ -199,7 +212,7 @@ class PrefillGraphs:
         def reset():
             cache.seen_tokens = 0
 
-        first = None
+        eager, first = forward, None
         if self.compile:  # one eager run first (options choose their kernels outside the trace), then Inductor's
             first, forward = forward, compiled_forward
 
@@ -211,7 +224,7 @@ class PrefillGraphs:
         except Exception as exc:  # kept and shown in describe(); this shape prefills eagerly from now on
             self.failed[key] = failure_text(exc)
             reset()
-            entry = _Entry(forward, host, model.device, grids, reset, False, None)
+            entry = _Entry(eager, host, model.device, grids, reset, False, None)
         self.counts["captured" if entry.graph is not None else "run"] += 1
         if len(self.entries) >= self.capacity:
             self.entries.popitem(last=False)

@@ -336,6 +336,27 @@ def test_a_compiled_prefill_traces_as_much_for_a_deeper_model(ours_tiny):
     assert traced(config) == traced(deeper)
 
 
+def test_a_compiled_prefill_that_cannot_compile_runs_eagerly_with_the_reason(tiny_checkpoint, ours_tiny,
+                                                                             monkeypatch):
+    """Planted: dynamo allowed one compile per frame, so the second prompt shape's sizes-generic compile is refused.
+    That shape prefills eagerly with the reference's tokens, ``describe()`` keeps why, and the bench would store
+    the run as not as planned (instead of dynamo running the layers eagerly unnoticed)."""
+    from harness.bench import not_as_planned
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    model = qwen3_vl.from_pretrained(tiny_checkpoint, plan="attention=sdpa")
+    model.execution = CudaGraphExecution(model, Target("cpu"), capture=False, bucket=16, prefill_compile=True)
+    torch._dynamo.reset()
+    for seed, row in ((5, RowSpec(3, (4, 4), 2)), (7, RowSpec(9, (6, 4), 5))):
+        prompt = build_prompt(ours_tiny.config, PromptSpec((row,), seed=seed))
+        tokens, logits, _ = generate(model, prompt, 3)
+        ref_tokens, ref_logits, _ = generate(ours_tiny, prompt, 3)
+        assert torch.equal(tokens, ref_tokens) and relative_error(logits, ref_logits) <= 1e-5
+    errors = model.execution.describe()["prefill"]["capture_errors"]
+    assert len(errors) == 1 and "recompile" in errors[0].lower()
+    assert "a prefill was not captured and ran eagerly" in not_as_planned(model)
+
+
 def test_a_failed_capture_decodes_eagerly_and_keeps_the_cause(tiny_checkpoint, ours_tiny, monkeypatch):
     """A decode step that cannot be captured (here: a compile worker's error, whose first line says nothing)
     falls back to the eager loop with the reference's tokens; the warning and ``describe()`` keep the cause from
