@@ -88,7 +88,8 @@ for s in "$@"; do
       done ;;
     attention-pascal) stage attention-pascal 150 python -m harness.bench_attention --preset 2b --device cuda \
                         --dtype fp16 --emulate sm61-laptop --results-dir "$RES" ;;
-    prefill-profile) stage prefill-profile 300 python scripts/gpu_prefill_profile.py ;;
+    prefill-profile) stage prefill-profile 300 python scripts/gpu_prefill_profile.py \
+                       --plan attention=sdpa,kv_cache=static,execution=compile ;;
     decode-profile) stage decode-profile 290 python scripts/gpu_decode_profile.py --rounds 3 \
                       --plan attention=sdpa,kv_cache=static,execution=compile \
                       --plan "attention=sdpa,kv_cache=static,execution=compile[attend=false]" ;;
