@@ -8,6 +8,9 @@ Then the prompt's kernels (``compile[prefill_qk=true]``) the same way: a 2b prom
 every text layer, and the ViT's q/k rotary for every ViT layer, against the eager ops they replace.
 
     python scripts/gpu_attention_kernel.py [--dtype bf16] [--rounds 3] [--tiles 16,32,64]
+
+Both forms of the kernels: ``kernels/R`` a program per query head (the default), ``grouped/R`` a program per KV
+head reading each tile once for its query heads (``decode_attention(grouped=True)``), R cached rows a tile.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from qwen3_vl.kernels import triton_decode_attention as kernel
 
 SHAPES = {  # name: (query heads, KV heads, head size, layers, cache capacity, position)
     "2b at the benchmark's prompt": (16, 8, 128, 28, 512, 300),
+    "8b at the benchmark's prompt": (32, 8, 128, 36, 512, 300),
     "8b at 4000 of 4096": (32, 8, 128, 36, 4096, 4000),
 }
 
@@ -126,26 +130,27 @@ def main() -> int:
           f"split kernel of {kernel.BLOCK_T}-row tiles, at most {kernel.MAX_SPLITS} slices a head")
     inductor = torch.compile(kernel.reference, dynamic=False, fullgraph=True)
 
-    def tiled(rows):  # the kernels with another tile size (the module's constant is read at each call)
+    def tiled(rows, grouped=False):  # the kernels with another tile size (the module's constant is read at each call)
         def call(**inputs):
             with mock.patch.object(kernel, "BLOCK_T", rows):
-                return kernel.decode_attention(**inputs)
+                return kernel.decode_attention(**inputs, grouped=grouped)
         return call
 
     forms = {**{f"kernels/{rows}": tiled(rows) for rows in args.tiles},
+             **{f"grouped/{rows}": tiled(rows, grouped=True) for rows in args.tiles},
              "inductor": inductor, "eager": kernel.reference}
     for name, (heads, kv_heads, d, layers, capacity, position) in SHAPES.items():
-        # exactness first, on fresh fp32 inputs: the kernels against the eager ops
+        # exactness first, on fresh fp32 inputs: both kernel forms against the eager ops
         one = layer_inputs(heads, kv_heads, d, capacity, position, torch.float32, 0)
-        got = kernel.decode_attention(**{**one, "keys": one["keys"].clone(), "values": one["values"].clone()})
-        want = kernel.reference(**one)
-        err32 = rel(got, want)
+        want = kernel.reference(**{**one, "keys": one["keys"].clone(), "values": one["values"].clone()})
+        err32 = max(rel(kernel.decode_attention(**{**one, "keys": one["keys"].clone(), "values": one["values"].clone()},
+                                                grouped=grouped), want) for grouped in (False, True))
         steps = [layer_inputs(heads, kv_heads, d, capacity, position, dtype, seed) for seed in range(layers)]
         caches = {form: [{**x, "keys": x["keys"].clone(), "values": x["values"].clone()} for x in steps]
                   for form in forms}  # each form writes its own
         times = time_forms(forms, caches, args.rounds, args.replays)
         print(f"{name}: {heads} heads / {kv_heads} KV of {d}, cache {capacity}, position {position}; "
-              f"fp32 kernels vs eager rel err {err32:.1e}")
+              f"fp32 kernels (both forms) vs eager rel err {err32:.1e} at most")
         for form, samples in times.items():
             print(f"  {form:12} {median(samples):6.2f} us a layer  (samples "
                   f"{', '.join(f'{s:.2f}' for s in samples)})")

@@ -96,7 +96,7 @@ for s in "$@"; do
     decode-profile-8b) stage decode-profile-8b 540 python scripts/gpu_decode_profile.py --preset 8b --rounds 3 \
                          --gemv-tile 1,2048,8 --plan "attention=sdpa,kv_cache=static,execution=compile[gemv=false]" \
                          --plan attention=sdpa,kv_cache=static,execution=compile ;;
-    attention-kernel) stage attention-kernel 150 python scripts/gpu_attention_kernel.py ;;
+    attention-kernel) stage attention-kernel 240 python scripts/gpu_attention_kernel.py ;;
     gemv-forms) stage gemv-forms 300 python scripts/gpu_gemv_forms.py --preset 2b ;;
     vision) stage vision 300 python -m pytest -q tests/optim/vision/test_devices.py ;;
     harness) stage harness 540 python -m harness.gpu_check --results-dir "$RES" ;;

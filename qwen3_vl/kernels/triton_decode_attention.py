@@ -61,7 +61,7 @@ def splits(cache_len: int) -> tuple[int, int]:
 def _kernels():
     # Built on first use: Triton reads TRITON_INTERPRET when a kernel is defined. The helpers are bound at module
     # level because Triton resolves a kernel's callees through its globals (its interpreter drops closures).
-    global _norm_rotary, _rotate_row, _load_tile, _fold_tile
+    global _norm_rotary, _rotate_row, _load_tile, _fold_tile, _fold_tile_group
     import triton
     import triton.language as tl
 
@@ -69,11 +69,12 @@ def _kernels():
     def _norm_rotary(x_ptr, norm_ptr, cos, sin, eps, dtype, D: tl.constexpr):
         # rms_norm (fp32 statistics, rounded after the normalisation and after the weight), then
         # x*cos + rotate_half(x)*sin in fp32, rounded once. rotate_half reads the other half, negated first.
+        # x_ptr: one row's start, or a column [G, 1] of rows' starts (then every row at once, [G, D]).
         d = tl.arange(0, D)
         other = (d + D // 2) % D
         x = tl.load(x_ptr + d).to(tl.float32)
         x_other = tl.load(x_ptr + other).to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
+        rstd = tl.rsqrt(tl.sum(x * x, axis=len(x.shape) - 1, keep_dims=True) / D + eps)
         x = (tl.load(norm_ptr + d).to(dtype).to(tl.float32) * (x * rstd).to(dtype).to(tl.float32)).to(dtype)
         x_other = (tl.load(norm_ptr + other).to(dtype).to(tl.float32)
                    * (x_other * rstd).to(dtype).to(tl.float32)).to(dtype)
@@ -167,6 +168,75 @@ def _kernels():
         tl.store(partial_ptr + slot * D + d, acc)
 
     @triton.jit
+    def _fold_tile_group(best, total, acc, keys, values, visible, q, scale):
+        # _fold_tile for a group's query heads [G, D] at once, the tile read once for all of them, both products
+        # as dots in the cache's dtype with fp32 sums (tensor cores; ieee for fp32: no TF32 rounding). The scores
+        # are the split form's (q is already a value of that dtype); the probabilities are rounded to the
+        # dtype before the value product, as the eager ops round them (the split form keeps them fp32).
+        scores = tl.dot(q.to(keys.dtype), tl.trans(keys), input_precision="ieee") * scale
+        scores = tl.where(visible[None, :], scores, float("-inf"))
+        new_best = tl.maximum(best, tl.max(scores, axis=1))
+        shrink = tl.exp(best - new_best)
+        weights = tl.exp(scores - new_best[:, None])
+        total = total * shrink + tl.sum(weights, axis=1)
+        acc = acc * shrink[:, None] + tl.dot(weights.to(values.dtype), values, input_precision="ieee")
+        return new_best, total, acc
+
+    @triton.jit
+    def decode_attention_grouped_kernel(q_ptr, k_ptr, v_ptr, q_norm_ptr, k_norm_ptr, cos_ptr, sin_ptr, keys_ptr,
+                                        values_ptr, position_ptr, valid_ptr, stats_ptr, partial_ptr, stride_qb,
+                                        stride_kb, stride_vb, stride_cb, stride_cache_b, stride_cache_h,
+                                        stride_cache_t, stride_valid_b, eps, scale, HEADS: tl.constexpr,
+                                        GROUPS: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+                                        BLOCK_T: tl.constexpr, TILES: tl.constexpr):
+        # The split kernel's work with one program per (b * KV heads + KV head, split) instead of per query head:
+        # each tile of K and V is read once for the GROUPS query heads that share it (the split form reads it once
+        # per query head). The heads are rows of [G_PAD, D] blocks (G_PAD >= 16, what tl.dot takes; rows past
+        # GROUPS repeat the last head and are not stored). Partials land in the split kernel's slots, so the
+        # combine kernel is the same.
+        eps = tl.cast(eps, tl.float32)
+        scale = tl.cast(scale, tl.float32)
+        row = tl.program_id(0)
+        split = tl.program_id(1)
+        kv_heads = HEADS // GROUPS
+        b = row // kv_heads
+        kv_head = row % kv_heads
+        dtype = q_ptr.dtype.element_ty
+        d = tl.arange(0, D)
+        g = tl.arange(0, G_PAD)
+        head = kv_head * GROUPS + tl.minimum(g, GROUPS - 1)
+        position = tl.load(position_ptr).to(tl.int32)
+        cache = b * stride_cache_b + kv_head * stride_cache_h
+        valid_row = valid_ptr + b * stride_valid_b
+        lo = split * (TILES * BLOCK_T)
+        hi = tl.minimum(lo + TILES * BLOCK_T, position)
+        keys, values, visible = _load_tile(keys_ptr, values_ptr, valid_row, cache, lo, hi, stride_cache_t, D,
+                                           BLOCK_T)
+        cos = tl.load(cos_ptr + b * stride_cb + d).to(tl.float32)
+        sin = tl.load(sin_ptr + b * stride_cb + d).to(tl.float32)
+        q = _norm_rotary(q_ptr + b * stride_qb + head[:, None] * D, q_norm_ptr, cos, sin, eps, dtype, D)
+        k = _norm_rotary(k_ptr + b * stride_kb + kv_head * D, k_norm_ptr, cos, sin, eps, dtype, D)
+        v = tl.load(v_ptr + b * stride_vb + kv_head * D + d).to(tl.float32)
+        first = split == 0
+        if first:  # the KV head's new row, written once
+            tl.store(keys_ptr + cache + position * stride_cache_t + d, k.to(dtype))
+            tl.store(values_ptr + cache + position * stride_cache_t + d, v.to(dtype))
+        best = tl.where(first, tl.sum(q * k[None, :], axis=1) * scale, -1e30)
+        total = tl.where(first, 1.0, 0.0) + tl.zeros([G_PAD], dtype=tl.float32)
+        acc = tl.where(first, v[None, :], 0.0) + tl.zeros([G_PAD, D], dtype=tl.float32)
+        best, total, acc = _fold_tile_group(best, total, acc, keys, values, visible, q, scale)
+        if TILES > 1:
+            for start in tl.range(lo + BLOCK_T, hi, BLOCK_T, num_stages=2):
+                keys, values, visible = _load_tile(keys_ptr, values_ptr, valid_row, cache, start, hi,
+                                                   stride_cache_t, D, BLOCK_T)
+                best, total, acc = _fold_tile_group(best, total, acc, keys, values, visible, q, scale)
+        slot = (b * HEADS + head) * tl.num_programs(1) + split
+        stored = g < GROUPS
+        tl.store(stats_ptr + 2 * slot, best, mask=stored)
+        tl.store(stats_ptr + 2 * slot + 1, total, mask=stored)
+        tl.store(partial_ptr + slot[:, None] * D + d[None, :], acc, mask=stored[:, None])
+
+    @triton.jit
     def decode_attention_combine_kernel(stats_ptr, partial_ptr, out_ptr, SPLITS: tl.constexpr,
                                         SPLITS_P2: tl.constexpr, D: tl.constexpr):
         # Program b * HEADS + head: the splits' partials rescaled to their common max and summed; rounded once.
@@ -223,7 +293,8 @@ def _kernels():
             x = _rotate_row(k_ptr + s * stride_k + (head - HEADS) * D, cos, sin, D)
             tl.store(k_out_ptr + (s * HEADS + head - HEADS) * D + d, x.to(k_out_ptr.dtype.element_ty))
 
-    return decode_attention_split_kernel, decode_attention_combine_kernel, qk_norm_rotary_kernel, vision_rotary_kernel
+    return (decode_attention_split_kernel, decode_attention_combine_kernel, qk_norm_rotary_kernel, vision_rotary_kernel,
+            decode_attention_grouped_kernel)
 
 
 def _rows(t: torch.Tensor, width: int, name: str) -> torch.Tensor:
@@ -312,12 +383,14 @@ if unavailable_reason() is None:  # registered only with Triton (torch looks for
     def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm: torch.Tensor,
                          k_norm: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
                          values: torch.Tensor, position: torch.Tensor, valid: torch.Tensor, scale: float, heads: int,
-                         kv_heads: int) -> torch.Tensor:
+                         kv_heads: int, grouped: bool = False) -> torch.Tensor:
         """One decode query per batch entry: ``q`` [B, 1, heads * d], ``k`` and ``v`` [B, 1, kv_heads * d]
         (views of the fused q/k/v product will do: only the last dimension must be contiguous), the q/k
         RMSNorm weights [d], ``cos``/``sin`` [B, ..., d] of this step's position, the layer's caches
         ``keys``/``values`` [B, kv_heads, T, d] (written at ``position``, a long [1] on the device) and
-        ``valid`` [B, T] (the step's own position already marked). Returns [B, 1, heads * d]."""
+        ``valid`` [B, T] (the step's own position already marked). Returns [B, 1, heads * d].
+        ``grouped``: one program per KV head and slice, reading each tile once for its query heads (the grouped
+        kernel), instead of one per query head."""
         _check(q, k, v, q_norm, k_norm, keys, values, position, valid, heads, kv_heads)
         batch, d = q.shape[0], keys.shape[-1]
         q2, k2, v2 = _rows(q, heads * d, "q"), _rows(k, kv_heads * d, "k"), _rows(v, kv_heads * d, "v")
@@ -325,15 +398,21 @@ if unavailable_reason() is None:  # registered only with Triton (torch looks for
         if cos2.stride() != sin2.stride():
             raise ValueError("decode_attention needs cos and sin of one layout")
         out = torch.empty(batch, 1, heads * d, dtype=q.dtype, device=q.device)
-        split_kernel, combine_kernel, *_ = _kernels()
+        split_kernel, combine_kernel, _, _, grouped_kernel = _kernels()
         count, tiles = splits(keys.shape[2])
         stats = torch.empty(batch * heads, count, 2, dtype=torch.float32, device=q.device)
         partial = torch.empty(batch * heads, count, d, dtype=torch.float32, device=q.device)
-        wrap_triton(split_kernel)[(batch * heads, count)](
-            q2, k2, v2, q_norm, k_norm, cos2, sin2, keys, values, position, valid, stats, partial, q2.stride(0),
-            k2.stride(0), v2.stride(0), cos2.stride(0), keys.stride(0), keys.stride(1), keys.stride(2),
-            valid.stride(0), eps, scale, HEADS=heads, GROUPS=heads // kv_heads, D=d, BLOCK_T=BLOCK_T, TILES=tiles,
-            num_warps=4)
+        args = (q2, k2, v2, q_norm, k_norm, cos2, sin2, keys, values, position, valid, stats, partial, q2.stride(0),
+                k2.stride(0), v2.stride(0), cos2.stride(0), keys.stride(0), keys.stride(1), keys.stride(2),
+                valid.stride(0), eps, scale)
+        groups = heads // kv_heads
+        if grouped:
+            wrap_triton(grouped_kernel)[(batch * kv_heads, count)](
+                *args, HEADS=heads, GROUPS=groups, G_PAD=max(16, 1 << (groups - 1).bit_length()), D=d,
+                BLOCK_T=BLOCK_T, TILES=tiles, num_warps=4)
+        else:
+            wrap_triton(split_kernel)[(batch * heads, count)](
+                *args, HEADS=heads, GROUPS=groups, D=d, BLOCK_T=BLOCK_T, TILES=tiles, num_warps=4)
         wrap_triton(combine_kernel)[(batch * heads,)](
             stats, partial, out, SPLITS=count, SPLITS_P2=max(2, 1 << (count - 1).bit_length()), D=d, num_warps=4)
         return out
@@ -381,5 +460,5 @@ else:
         raise RuntimeError(f"the Triton q/k norm and rotary cannot run: {unavailable_reason()}")
 
     def decode_attention(q, k, v, q_norm, k_norm, eps, cos, sin, keys, values, position, valid, scale, heads,
-                         kv_heads) -> torch.Tensor:
+                         kv_heads, grouped=False) -> torch.Tensor:
         raise RuntimeError(f"the Triton decode attention cannot run: {unavailable_reason()}")

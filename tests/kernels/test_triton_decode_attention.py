@@ -5,6 +5,7 @@ interpreter; skipped where Triton is not installed, as on the CI machines, whose
 
 from __future__ import annotations
 
+import functools
 import os
 from unittest import mock
 
@@ -68,20 +69,24 @@ def error(x, exact):
 @given(batch=st.integers(1, 2), kv_heads=st.integers(1, 2), groups=st.sampled_from([1, 2, 4]),
        d=st.sampled_from([16, 32]), cache_len=st.integers(1, 150), where=st.floats(0, 1), padded=st.booleans(),
        dtype=st.sampled_from([torch.float32, *HALF]), seed=st.integers(0, 2**16),
-       block=st.sampled_from([16, kernel.BLOCK_T]), max_splits=st.sampled_from([1, 2, kernel.MAX_SPLITS]))
+       block=st.sampled_from([16, kernel.BLOCK_T]), max_splits=st.sampled_from([1, 2, kernel.MAX_SPLITS]),
+       grouped=st.booleans())
 @example(batch=1, kv_heads=2, groups=2, d=32, cache_len=150, where=0.95, padded=True, dtype=torch.float32, seed=3,
-         block=16, max_splits=4)  # nine tiles in four slices of three: every part of the split and the combine
+         block=16, max_splits=4, grouped=False)  # nine tiles in four slices of three: every part of the split and
+@example(batch=1, kv_heads=2, groups=4, d=32, cache_len=150, where=0.95, padded=True, dtype=torch.float32, seed=3,
+         block=16, max_splits=4, grouped=True)  # the combine, in both forms
 def test_the_step_is_the_eager_attention_step(batch, kv_heads, groups, d, cache_len, where, padded, dtype, seed,
-                                              block, max_splits):
+                                              block, max_splits, grouped):
     """Output and the written cache row against the eager ops: in fp32 float reassociation (<= 1e-5 relative);
     in half precision against float64, within twice the eager half-precision ops' own error plus four units
     (the kernel rounds at other places than eager: fewer of them). Rows other than the step's position are
     left as they were. Small tiles make many slices at these lengths; fewer slices allowed than tiles make
-    slices of several tiles; one slice leaves the combine nothing to rescale."""
+    slices of several tiles; one slice leaves the combine nothing to rescale. Both forms: a program per query head,
+    and ``grouped``'s per KV head."""
     position = min(int(where * cache_len), cache_len - 1)
     inputs = step_inputs(batch, kv_heads * groups, kv_heads, d, cache_len, position, dtype, seed, padded)
     with mock.patch.object(kernel, "BLOCK_T", block), mock.patch.object(kernel, "MAX_SPLITS", max_splits):
-        out, keys, values = run(kernel.decode_attention, inputs)
+        out, keys, values = run(functools.partial(kernel.decode_attention, grouped=grouped), inputs)
     ref, ref_keys, ref_values = run(kernel.reference, inputs)
     assert out.shape == ref.shape == (batch, 1, kv_heads * groups * d) and out.dtype == dtype
     others = torch.arange(cache_len, device=DEVICE) != position
