@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Everything this project checks and times on a GPU, in stages, for the device tool:
-#   bash scripts/gpu_run.sh STAGE [STAGE ...]     (stages: setup exact exact-attend bench2b bench8b attention
-#                                                  ttft2b decode2b ttft2b-prefill ttft2b-qk exact-prefill attention-pascal memory pascal
-#                                                  prefill-profile decode-profile decode-profile-8b attention-kernel gemv-forms
-#                                                  vision harness)
+#   bash scripts/gpu_run.sh STAGE [STAGE ...]     (stages: setup exact exact-attend exact-new bench2b bench8b
+#                                                  bench8b-long attention ttft2b decode2b ttft2b-prefill ttft2b-qk
+#                                                  attention-pascal memory pascal prefill-profile decode-profile
+#                                                  decode-profile-8b attention-kernel gemv-forms vision harness)
 # Results go to a results store under $OUT (packed as one tarball, since few files come back),
 # logs to $OUT/log.txt. Carried wheels (in .gpu_wheels) fill in what the GPU image lacks.
 # DEADLINE=S (seconds from the start, default 580) keeps a call inside the device tool's 10 minutes: a stage
@@ -70,13 +70,20 @@ for s in "$@"; do
                  --plan attention=sdpa,kv_cache=static,execution=compile \
                  --plan "attention=sdpa,kv_cache=static,execution=compile[prefill_qk=true]" \
                  --plan "attention=sdpa,kv_cache=static,execution=compile[prefill_compile=true]" ;;
-    exact-prefill) stage exact-prefill 150 python scripts/gpu_exactness.py \
-                     --plan "attention=sdpa,kv_cache=static,execution=compile[prefill_qk=true]" \
-                     --plan "attention=sdpa,kv_cache=static,execution=compile[prefill_compile=true]" ;;
+    exact-new) stage exact-new 180 python scripts/gpu_exactness.py \
+                 --plan "attention=sdpa,kv_cache=static,execution=compile[prefill_qk=true]" \
+                 --plan "attention=sdpa,kv_cache=static,execution=compile[prefill_compile=true]" \
+                 --plan "attention=sdpa,kv_cache=static,execution=compile[attend_grouped=true]" ;;
     bench8b) stage bench8b 330 python -m harness.bench --preset 8b --device cuda --dtype bf16 --compare transformers \
                --transformers-paths static --rounds 2 --new-tokens 64 --results-dir "$RES" \
                --plan attention=sdpa,kv_cache=static,execution=compile \
                --plan "attention=sdpa,kv_cache=static,execution=compile[attend=false]" ;;
+    bench8b-long)  # a long prompt (a document or a video's frames): the attention's share of a decode step grows
+      stage bench8b-long 480 python -m harness.bench --preset 8b --device cuda --dtype bf16 --compare transformers \
+        --transformers-paths static --rounds 2 --new-tokens 64 --prompt-tokens 4000 --results-dir "$RES" \
+        --plan attention=sdpa,kv_cache=static,execution=compile \
+        --plan "attention=sdpa,kv_cache=static,execution=compile[attend_grouped=true]" \
+        --plan "attention=sdpa,kv_cache=static,execution=compile[attend=false]" ;;
     attention) stage attention 170 python -m harness.bench_attention --preset 2b --device cuda --dtype bf16 \
                  --results-dir "$RES" ;;
     memory) stage memory 420 python -m suites.bench_memory_quant --device cuda --dtype fp16 --parts offload,decode,kv \

@@ -231,9 +231,11 @@ def test_the_vit_kernel_catches_a_wrong_patch_and_refuses_bad_layouts():
 
 
 @needs_triton
-def test_a_tiny_model_with_the_kernel_decodes_the_reference_tokens(tiny_checkpoint, ours_tiny):
-    """``compile``'s attention layers (attend, the default, with prefill_qk) with the real kernels, on a padded
-    batch with an image: fp32 greedy tokens identical to the reference, step logits within 1e-5."""
+@pytest.mark.parametrize("grouped", [False, True])
+def test_a_tiny_model_with_the_kernel_decodes_the_reference_tokens(tiny_checkpoint, ours_tiny, grouped):
+    """``compile``'s attention layers (attend, the default, with prefill_qk; both forms of the decode kernel) with
+    the real kernels, on a padded batch with an image: fp32 greedy tokens identical to the reference, step logits
+    within 1e-5."""
     import qwen3_vl
     from harness.workload import PromptSpec, RowSpec, build_prompt, generate
     from qwen3_vl.optim.execution.compile import KernelAttention, use_decode_attention
@@ -244,8 +246,9 @@ def test_a_tiny_model_with_the_kernel_decodes_the_reference_tokens(tiny_checkpoi
 
     model = qwen3_vl.from_pretrained(tiny_checkpoint, plan="attention=eager")
     model.execution = CudaGraphExecution(model, Target("cpu"), capture=False, bucket=16)
-    assert use_decode_attention(model, prefill_qk=True) == len(model.language_model.layers)
-    assert all(isinstance(layer.self_attn, KernelAttention) for layer in model.language_model.layers)
+    assert use_decode_attention(model, prefill_qk=True, grouped=grouped) == len(model.language_model.layers)
+    assert all(isinstance(layer.self_attn, KernelAttention) and layer.self_attn.grouped == grouped
+               for layer in model.language_model.layers)
     prompt = build_prompt(ours_tiny.config, PromptSpec((RowSpec(3, (4, 4), 2), RowSpec(4)), seed=5))
     tokens, logits, _ = generate(model, prompt, 6)
     ref_tokens, ref_logits, _ = generate(ours_tiny, prompt, 6)

@@ -14,7 +14,9 @@ values: six launches) is two Triton kernels, a split over the cached positions a
 benchmark's cache, 1.78 instead of 2.12 ms per 2b token and 6.39 instead of 6.61 per 8b token. With
 ``prefill_qk=True`` (needs ``attend``) the prefill's q/k RMSNorms and M-RoPE are one Triton kernel a layer instead
 of about eighteen small ones, and each ViT layer's q/k rotary one instead of about fourteen (off by default until
-measured on a GPU).
+measured on a GPU). With ``attend_grouped=True`` the decode kernel takes its grouped form: a program per KV head and
+slice, each cached tile read once for the query heads that share it (the default form reads it once per query
+head; on an H100 at 8b's 4000-row cache it only matched Inductor). Off by default until measured.
 
 Triton refuses GPUs below compute capability 7.0, so on a Pascal (sm_61) GPU this option is
 unavailable and falls back to ``cuda_graph`` with that reason recorded.
@@ -82,6 +84,7 @@ class KernelAttention(TextAttention):
     kernels (about 1700 launches against about 2 ms of arithmetic)."""
 
     prefill_qk = False  # set per layer by ``use_decode_attention``
+    grouped = False  # likewise: the kernel's grouped form (a program per KV head)
     qk_unfit = 0  # calls the q/k kernel did not take (they ran the plain ops): counted in ``describe()``
 
     def attend(self, q, k, v, cos, sin, mask, cache, attention) -> torch.Tensor:
@@ -90,7 +93,7 @@ class KernelAttention(TextAttention):
         keys, values = cache.keys[self.layer_idx], cache.values[self.layer_idx]
         return decode_attention(q, k, v, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, cos, sin, keys,
                                 values, cache.position, cache.valid, self.head_dim**-0.5, q.shape[-1] // self.head_dim,
-                                keys.shape[1])
+                                keys.shape[1], self.grouped)
 
     def position(self, q, k, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.prefill_qk:
@@ -119,17 +122,18 @@ class FusedKernelAttention(FusedTextAttention, KernelAttention):
     """``KernelAttention`` over the fused q/k/v product (its q, k and v are views of one row)."""
 
 
-def use_decode_attention(model, prefill_qk: bool = False) -> int:
+def use_decode_attention(model, prefill_qk: bool = False, grouped: bool = False) -> int:
     """Swap each text attention (fused or not) to its ``KernelAttention`` where the kernel takes its head size (a
     power of two) and both norms share one eps, with ``prefill_qk`` its prefill's q/k kernel on (and the ViT's
-    rotary kernel, ``KernelVisionAttention``); returns how many text layers."""
+    rotary kernel, ``KernelVisionAttention``) and ``grouped`` the decode kernel's grouped form; returns how many
+    text layers."""
     kernel_class = {TextAttention: KernelAttention, FusedTextAttention: FusedKernelAttention}
     swapped = 0
     for layer in model.language_model.layers:
         attn = layer.self_attn
         if type(attn) in kernel_class and fits(attn.head_dim) and attn.q_norm.eps == attn.k_norm.eps:
             attn.__class__ = kernel_class[type(attn)]
-            attn.prefill_qk = prefill_qk
+            attn.prefill_qk, attn.grouped = prefill_qk, grouped
             swapped += 1
     if prefill_qk:
         for block in model.visual.blocks:
@@ -173,11 +177,13 @@ class CompiledExecution(CudaGraphExecution):
 
     def __init__(self, model, target: Target, fuse: bool = True, bucket: int = 256, prefill_graphs: int = 8,
                  prefill_bucket: int = 64, gemv: bool = True, host_choice: bool = False, fold: bool = False,
-                 prefill_compile: bool = False, attend: bool = True, prefill_qk: bool = False) -> None:
+                 prefill_compile: bool = False, attend: bool = True, prefill_qk: bool = False,
+                 attend_grouped: bool = False) -> None:
         import torch._dynamo
 
-        if prefill_qk and not attend:
-            raise ValueError("compile's prefill_qk=true is part of the attention kernels: it needs attend=true")
+        for name, asked in (("prefill_qk", prefill_qk), ("attend_grouped", attend_grouped)):
+            if asked and not attend:
+                raise ValueError(f"compile's {name}=true is part of the attention kernels: it needs attend=true")
         if prefill_qk and prefill_compile:
             raise ValueError("compile's prefill_qk=true and prefill_compile=true are two ways to fuse the prefill's "
                              "q/k norms and rotary (our kernels, or Inductor's): choose one")
@@ -195,13 +201,14 @@ class CompiledExecution(CudaGraphExecution):
         self.gemv_layers = use_gemv(model, fold) if gemv else 0  # after fusing: the fused projections are swapped
         self.folded_layers = sum(type(layer) is GemvDecoderLayer for layer in model.language_model.layers)
         # after folding: it checks the attention's type
-        self.attention_kernel_layers = use_decode_attention(model, prefill_qk) if attend else 0
+        self.attention_kernel_layers = use_decode_attention(model, prefill_qk, attend_grouped) if attend else 0
+        self.attend_grouped = attend_grouped
         self.attentions = [*(layer.self_attn for layer in model.language_model.layers),
                            *(block.attn for block in model.visual.blocks)]  # for describe()
 
     def describe(self) -> dict:
         return {**super().describe(), "gemv_layers": self.gemv_layers, "folded_layers": self.folded_layers,
-                "attention_kernel_layers": self.attention_kernel_layers,
+                "attention_kernel_layers": self.attention_kernel_layers, "attend_grouped": self.attend_grouped,
                 "prefill_qk": prefill_qk_state(self.attentions)}
 
 
@@ -216,11 +223,10 @@ OPTION = Optimization(
         "SiLU gate folded into its GEMVs), greedy tokens chosen inside the graph "
         "(host_choice=true: by the host) and cuda_graph's captured prefill (prefill_compile=true: its text layers "
         "and ViT blocks compiled before the capture, one compiled code for all layers of a kind); each layer's "
-        "one-query attention (q/k norms, rotary, cache write, "
-        "softmax attention) our Triton split-and-combine kernels (attend=false: Inductor's kernels; prefill_qk=true: "
-        "the prefill's q/k norms and rotary, the ViT's included, one Triton kernel a layer, not yet measured); needs "
-        "Triton, "
-        "so sm_70+."
+        "one-query attention (q/k norms, rotary, cache write, softmax attention) our Triton split-and-combine "
+        "kernels (attend=false: Inductor's kernels; attend_grouped=true: one program per KV head reading each cached "
+        "tile once for its query heads, not yet measured; prefill_qk=true: the prefill's q/k norms and rotary, the "
+        "ViT's included, one Triton kernel a layer, not yet measured); needs Triton, so sm_70+."
     ),
     build=lambda model, target, **params: CompiledExecution(model, target, **params),
     requires=Requirements(devices=("cuda",), min_compute_capability=(7, 0)),
@@ -229,5 +235,5 @@ OPTION = Optimization(
     fallback="cuda_graph",
     defaults={"fuse": True, "bucket": 256, "prefill_graphs": 8, "prefill_bucket": 64, "gemv": True,
               "host_choice": False, "fold": False, "prefill_compile": False, "attend": True,
-              "prefill_qk": False},
+              "prefill_qk": False, "attend_grouped": False},
 )

@@ -277,6 +277,8 @@ def test_compile_prefill_qk_needs_the_attention_kernels(tiny_checkpoint):
     model = qwen3_vl.from_pretrained(tiny_checkpoint)
     with pytest.raises(ValueError, match=r"prefill_qk=true .* needs attend=true"):
         CompiledExecution(model, Target("cpu"), attend=False, prefill_qk=True)
+    with pytest.raises(ValueError, match=r"attend_grouped=true .* needs attend=true"):
+        CompiledExecution(model, Target("cpu"), attend=False, attend_grouped=True)
     with pytest.raises(ValueError, match=r"prefill_qk=true and prefill_compile=true .* choose one"):
         CompiledExecution(model, Target("cpu"), prefill_qk=True, prefill_compile=True)
 
