@@ -217,6 +217,8 @@ def test_compile_attend_makes_each_decode_steps_attention_one_kernel_call(tiny_c
     calls = []
 
     def recording(q, k, v, q_norm, k_norm, eps, cos, sin, keys, values, *rest):
+        *rest, grouped = rest
+        assert grouped is False  # the split form unless attend_grouped asks
         calls.append((q.shape[1], keys.data_ptr()))
         return triton_decode_attention.reference(q, k, v, q_norm, k_norm, eps, cos, sin, keys, values, *rest)
 
