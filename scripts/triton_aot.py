@@ -54,19 +54,19 @@ def forms() -> list[tuple[str, object, dict, dict, int]]:
                                                  ("norm (q/k/v, gate/up)", True, False, False),
                                                  ("residual (o_proj)", False, False, True),
                                                  ("gated+residual (down)", False, True, True)]]
-    split, combine, qk, vision, grouped = triton_decode_attention._kernels()
+    split, combine, qk, vision = triton_decode_attention._kernels()
     count, tiles = triton_decode_attention.splits(512)  # a 2b step's cache at the benchmark's prompt
     _, long_tiles = triton_decode_attention.splits(8192)  # past MAX_SPLITS tiles: slices of several
     block = triton_decode_attention.BLOCK_T
     attention = [("decode_attention split, 16 heads / 8 KV, d 128", split, ATTENTION_ARGS,
-                  dict(HEADS=16, GROUPS=2, D=128, BLOCK_T=block, TILES=tiles), 4),
+                  dict(HEADS=16, GROUPS=2, D=128, BLOCK_T=block, TILES=tiles, GROUPED=False, G_PAD=1), 4),
                  (f"decode_attention split, 8192-row cache ({long_tiles} tiles a slice)", split, ATTENTION_ARGS,
-                  dict(HEADS=16, GROUPS=2, D=128, BLOCK_T=block, TILES=long_tiles), 4),
-                 ("decode_attention grouped, 16 heads / 8 KV, d 128", grouped, ATTENTION_ARGS,
-                  dict(HEADS=16, GROUPS=2, G_PAD=16, D=128, BLOCK_T=block, TILES=tiles), 4),
+                  dict(HEADS=16, GROUPS=2, D=128, BLOCK_T=block, TILES=long_tiles, GROUPED=False, G_PAD=1), 4),
+                 ("decode_attention grouped, 16 heads / 8 KV, d 128", split, ATTENTION_ARGS,
+                  dict(HEADS=16, GROUPS=2, D=128, BLOCK_T=block, TILES=tiles, GROUPED=True, G_PAD=16), 4),
                  (f"decode_attention grouped, 8b: 32 heads / 8 KV, 8192-row cache ({long_tiles} tiles a slice)",
-                  grouped, ATTENTION_ARGS, dict(HEADS=32, GROUPS=4, G_PAD=16, D=128, BLOCK_T=block, TILES=long_tiles),
-                  4),
+                  split, ATTENTION_ARGS,
+                  dict(HEADS=32, GROUPS=4, D=128, BLOCK_T=block, TILES=long_tiles, GROUPED=True, G_PAD=16), 4),
                  ("decode_attention combine", combine, COMBINE_ARGS, dict(SPLITS=count, SPLITS_P2=count, D=128), 4),
                  ("qk_norm_rotary (prefill), 16 heads / 8 KV, d 128", qk, QK_ARGS,
                   dict(HEADS=16, KV_HEADS=8, D=128), 1),

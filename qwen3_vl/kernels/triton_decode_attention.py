@@ -10,6 +10,9 @@ value into the layer's cache at the step's device-side position (the first slice
 and runs an online softmax in fp32 over its slice (the first slice also over the new key). A combine kernel
 rescales the slices' partials to their common max and sums them. The first form, one program per query head
 walking the whole cache, took 16.2 us a layer: 16 programs on 132 SMs, each a chain of dependent tile loads.
+``grouped=True`` (``compile[attend_grouped=true]``, not yet measured): one program per KV head and slice, which
+reads each tile once for the query heads sharing it, as two tensor-core dots in the cache's dtype (the default form
+reads a KV head's tiles once per query head: 8b's four at a 4000-row cache only matched Inductor on an H100).
 
 The same function as ``reference`` (the eager ops: ``rms_norm``, ``apply_rotary``, the cache's
 ``index_copy_``, ``grouped_softmax_attention`` with the validity mask) up to float reassociation in fp32.
@@ -61,7 +64,7 @@ def splits(cache_len: int) -> tuple[int, int]:
 def _kernels():
     # Built on first use: Triton reads TRITON_INTERPRET when a kernel is defined. The helpers are bound at module
     # level because Triton resolves a kernel's callees through its globals (its interpreter drops closures).
-    global _norm_rotary, _rotate_row, _load_tile, _fold_tile, _fold_tile_group
+    global _norm_rotary, _rotate_row, _load_tile, _fold_tile, _fold_tile_group, _fold
     import triton
     import triton.language as tl
 
@@ -113,61 +116,6 @@ def _kernels():
         return new_best, total, acc
 
     @triton.jit
-    def decode_attention_split_kernel(q_ptr, k_ptr, v_ptr, q_norm_ptr, k_norm_ptr, cos_ptr, sin_ptr, keys_ptr,
-                                      values_ptr, position_ptr, valid_ptr, stats_ptr, partial_ptr, stride_qb,
-                                      stride_kb, stride_vb, stride_cb, stride_cache_b, stride_cache_h,
-                                      stride_cache_t, stride_valid_b, eps, scale, HEADS: tl.constexpr,
-                                      GROUPS: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr,
-                                      TILES: tl.constexpr):
-        # Program (b * HEADS + head, split): the online softmax of one query head over TILES tiles of the cached
-        # positions, left as a partial (running max, sum of weights, weighted sum of values) for the combine.
-        # Inductor passes Python float arguments as fp64 scalars (Triton's own launcher as fp32): fp64 here would
-        # make the online softmax's loop-carried sums fp64, which Triton refuses. Compute in fp32 either way.
-        eps = tl.cast(eps, tl.float32)
-        scale = tl.cast(scale, tl.float32)
-        row = tl.program_id(0)
-        split = tl.program_id(1)
-        b = row // HEADS
-        head = row % HEADS
-        kv_head = head // GROUPS
-        dtype = q_ptr.dtype.element_ty
-        d = tl.arange(0, D)
-        position = tl.load(position_ptr).to(tl.int32)
-        cache = b * stride_cache_b + kv_head * stride_cache_h
-        valid_row = valid_ptr + b * stride_valid_b
-        # This split's rows, all before the step's position (the rows its write does not touch; later ones are
-        # invalid). The first tile's loads go out before the query's norm and rotary, which do not feed them, so
-        # their memory latency overlaps that work (most splits have one tile).
-        lo = split * (TILES * BLOCK_T)
-        hi = tl.minimum(lo + TILES * BLOCK_T, position)
-        keys, values, visible = _load_tile(keys_ptr, values_ptr, valid_row, cache, lo, hi, stride_cache_t, D,
-                                           BLOCK_T)
-        cos = tl.load(cos_ptr + b * stride_cb + d).to(tl.float32)
-        sin = tl.load(sin_ptr + b * stride_cb + d).to(tl.float32)
-        q = _norm_rotary(q_ptr + b * stride_qb + head * D, q_norm_ptr, cos, sin, eps, dtype, D)
-        k = _norm_rotary(k_ptr + b * stride_kb + kv_head * D, k_norm_ptr, cos, sin, eps, dtype, D)
-        v = tl.load(v_ptr + b * stride_vb + kv_head * D + d).to(tl.float32)
-        first = split == 0
-        if first & (head % GROUPS == 0):  # the group's first head writes its KV head's new row
-            tl.store(keys_ptr + cache + position * stride_cache_t + d, k.to(dtype))
-            tl.store(values_ptr + cache + position * stride_cache_t + d, v.to(dtype))
-        # The new key is always visible to its own query: the first split starts its softmax from it; the others
-        # start empty (a finite floor for the max, so an empty split's rescaling is exp(0), not exp(nan)).
-        best = tl.where(first, tl.sum(q * k, axis=0) * scale, -1e30)
-        total = tl.where(first, 1.0, 0.0)
-        acc = tl.where(first, v, 0.0)
-        best, total, acc = _fold_tile(best, total, acc, keys, values, visible, q, scale)
-        if TILES > 1:  # the split's further tiles (long caches): each loaded while the one before is reduced
-            for start in tl.range(lo + BLOCK_T, hi, BLOCK_T, num_stages=2):
-                keys, values, visible = _load_tile(keys_ptr, values_ptr, valid_row, cache, start, hi,
-                                                   stride_cache_t, D, BLOCK_T)
-                best, total, acc = _fold_tile(best, total, acc, keys, values, visible, q, scale)
-        slot = row * tl.num_programs(1) + split
-        tl.store(stats_ptr + 2 * slot, best)
-        tl.store(stats_ptr + 2 * slot + 1, total)
-        tl.store(partial_ptr + slot * D + d, acc)
-
-    @triton.jit
     def _fold_tile_group(best, total, acc, keys, values, visible, q, scale):
         # _fold_tile for a group's query heads [G, D] at once, the tile read once for all of them, both products
         # as dots in the cache's dtype with fp32 sums (tensor cores; ieee for fp32: no TF32 rounding). The scores
@@ -183,58 +131,91 @@ def _kernels():
         return new_best, total, acc
 
     @triton.jit
-    def decode_attention_grouped_kernel(q_ptr, k_ptr, v_ptr, q_norm_ptr, k_norm_ptr, cos_ptr, sin_ptr, keys_ptr,
-                                        values_ptr, position_ptr, valid_ptr, stats_ptr, partial_ptr, stride_qb,
-                                        stride_kb, stride_vb, stride_cb, stride_cache_b, stride_cache_h,
-                                        stride_cache_t, stride_valid_b, eps, scale, HEADS: tl.constexpr,
-                                        GROUPS: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-                                        BLOCK_T: tl.constexpr, TILES: tl.constexpr):
-        # The split kernel's work with one program per (b * KV heads + KV head, split) instead of per query head:
-        # each tile of K and V is read once for the GROUPS query heads that share it (the split form reads it once
-        # per query head). The heads are rows of [G_PAD, D] blocks (G_PAD >= 16, what tl.dot takes; rows past
-        # GROUPS repeat the last head and are not stored). Partials land in the split kernel's slots, so the
-        # combine kernel is the same.
+    def _fold(best, total, acc, keys, values, visible, q, scale, GROUPED):
+        if GROUPED:
+            best, total, acc = _fold_tile_group(best, total, acc, keys, values, visible, q, scale)
+        else:
+            best, total, acc = _fold_tile(best, total, acc, keys, values, visible, q, scale)
+        return best, total, acc
+
+    @triton.jit
+    def decode_attention_split_kernel(q_ptr, k_ptr, v_ptr, q_norm_ptr, k_norm_ptr, cos_ptr, sin_ptr, keys_ptr,
+                                      values_ptr, position_ptr, valid_ptr, stats_ptr, partial_ptr, stride_qb,
+                                      stride_kb, stride_vb, stride_cb, stride_cache_b, stride_cache_h,
+                                      stride_cache_t, stride_valid_b, eps, scale, HEADS: tl.constexpr,
+                                      GROUPS: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr,
+                                      TILES: tl.constexpr, GROUPED: tl.constexpr, G_PAD: tl.constexpr):
+        # Program (b * HEADS + head, split): the online softmax of one query head over TILES tiles of the cached
+        # positions, left as a partial (running max, sum of weights, weighted sum of values) for the combine.
+        # GROUPED: program (b * KV heads + KV head, split) for the GROUPS query heads that share a KV head, each
+        # tile read once for all of them. Their rows form [G_PAD, D] blocks (G_PAD >= 16, what tl.dot takes; rows
+        # past GROUPS repeat the last head and are not stored); their partials land in the same slots.
+        # Inductor passes Python float arguments as fp64 scalars (Triton's own launcher as fp32): fp64 here would
+        # make the online softmax's loop-carried sums fp64, which Triton refuses. Compute in fp32 either way.
         eps = tl.cast(eps, tl.float32)
         scale = tl.cast(scale, tl.float32)
         row = tl.program_id(0)
         split = tl.program_id(1)
-        kv_heads = HEADS // GROUPS
-        b = row // kv_heads
-        kv_head = row % kv_heads
+        if GROUPED:
+            b = row // (HEADS // GROUPS)
+            kv_head = row % (HEADS // GROUPS)
+            group_row = tl.arange(0, G_PAD)
+            head = kv_head * GROUPS + tl.minimum(group_row, GROUPS - 1)
+        else:
+            b = row // HEADS
+            head = row % HEADS
+            kv_head = head // GROUPS
         dtype = q_ptr.dtype.element_ty
         d = tl.arange(0, D)
-        g = tl.arange(0, G_PAD)
-        head = kv_head * GROUPS + tl.minimum(g, GROUPS - 1)
         position = tl.load(position_ptr).to(tl.int32)
         cache = b * stride_cache_b + kv_head * stride_cache_h
         valid_row = valid_ptr + b * stride_valid_b
+        # This split's rows, all before the step's position (the rows its write does not touch; later ones are
+        # invalid). The first tile's loads go out before the query's norm and rotary, which do not feed them, so
+        # their memory latency overlaps that work (most splits have one tile).
         lo = split * (TILES * BLOCK_T)
         hi = tl.minimum(lo + TILES * BLOCK_T, position)
         keys, values, visible = _load_tile(keys_ptr, values_ptr, valid_row, cache, lo, hi, stride_cache_t, D,
                                            BLOCK_T)
         cos = tl.load(cos_ptr + b * stride_cb + d).to(tl.float32)
         sin = tl.load(sin_ptr + b * stride_cb + d).to(tl.float32)
-        q = _norm_rotary(q_ptr + b * stride_qb + head[:, None] * D, q_norm_ptr, cos, sin, eps, dtype, D)
+        if GROUPED:
+            q = _norm_rotary(q_ptr + b * stride_qb + head[:, None] * D, q_norm_ptr, cos, sin, eps, dtype, D)
+        else:
+            q = _norm_rotary(q_ptr + b * stride_qb + head * D, q_norm_ptr, cos, sin, eps, dtype, D)
         k = _norm_rotary(k_ptr + b * stride_kb + kv_head * D, k_norm_ptr, cos, sin, eps, dtype, D)
         v = tl.load(v_ptr + b * stride_vb + kv_head * D + d).to(tl.float32)
         first = split == 0
-        if first:  # the KV head's new row, written once
+        # one program writes the KV head's new row: the group's first head's (grouped: the group's own)
+        writes = first if GROUPED else first & (head % GROUPS == 0)
+        if writes:
             tl.store(keys_ptr + cache + position * stride_cache_t + d, k.to(dtype))
             tl.store(values_ptr + cache + position * stride_cache_t + d, v.to(dtype))
-        best = tl.where(first, tl.sum(q * k[None, :], axis=1) * scale, -1e30)
-        total = tl.where(first, 1.0, 0.0) + tl.zeros([G_PAD], dtype=tl.float32)
-        acc = tl.where(first, v[None, :], 0.0) + tl.zeros([G_PAD, D], dtype=tl.float32)
-        best, total, acc = _fold_tile_group(best, total, acc, keys, values, visible, q, scale)
-        if TILES > 1:
+        # The new key is always visible to its own query: the first split starts its softmax from it; the others
+        # start empty (a finite floor for the max, so an empty split's rescaling is exp(0), not exp(nan)).
+        best = tl.where(first, tl.sum(q * k, axis=len(q.shape) - 1) * scale, -1e30)
+        total = tl.where(first, 1.0, 0.0)
+        acc = tl.where(first, v, 0.0)
+        if GROUPED:  # a state per query head of the group
+            total += tl.zeros([G_PAD], dtype=tl.float32)
+            acc += tl.zeros([G_PAD, D], dtype=tl.float32)
+        best, total, acc = _fold(best, total, acc, keys, values, visible, q, scale, GROUPED)
+        if TILES > 1:  # the split's further tiles (long caches): each loaded while the one before is reduced
             for start in tl.range(lo + BLOCK_T, hi, BLOCK_T, num_stages=2):
                 keys, values, visible = _load_tile(keys_ptr, values_ptr, valid_row, cache, start, hi,
                                                    stride_cache_t, D, BLOCK_T)
-                best, total, acc = _fold_tile_group(best, total, acc, keys, values, visible, q, scale)
-        slot = (b * HEADS + head) * tl.num_programs(1) + split
-        stored = g < GROUPS
-        tl.store(stats_ptr + 2 * slot, best, mask=stored)
-        tl.store(stats_ptr + 2 * slot + 1, total, mask=stored)
-        tl.store(partial_ptr + slot[:, None] * D + d[None, :], acc, mask=stored[:, None])
+                best, total, acc = _fold(best, total, acc, keys, values, visible, q, scale, GROUPED)
+        if GROUPED:
+            slot = (b * HEADS + head) * tl.num_programs(1) + split
+            stored = group_row < GROUPS
+            tl.store(stats_ptr + 2 * slot, best, mask=stored)
+            tl.store(stats_ptr + 2 * slot + 1, total, mask=stored)
+            tl.store(partial_ptr + slot[:, None] * D + d[None, :], acc, mask=stored[:, None])
+        else:
+            slot = row * tl.num_programs(1) + split
+            tl.store(stats_ptr + 2 * slot, best)
+            tl.store(stats_ptr + 2 * slot + 1, total)
+            tl.store(partial_ptr + slot * D + d, acc)
 
     @triton.jit
     def decode_attention_combine_kernel(stats_ptr, partial_ptr, out_ptr, SPLITS: tl.constexpr,
@@ -293,8 +274,7 @@ def _kernels():
             x = _rotate_row(k_ptr + s * stride_k + (head - HEADS) * D, cos, sin, D)
             tl.store(k_out_ptr + (s * HEADS + head - HEADS) * D + d, x.to(k_out_ptr.dtype.element_ty))
 
-    return (decode_attention_split_kernel, decode_attention_combine_kernel, qk_norm_rotary_kernel, vision_rotary_kernel,
-            decode_attention_grouped_kernel)
+    return decode_attention_split_kernel, decode_attention_combine_kernel, qk_norm_rotary_kernel, vision_rotary_kernel
 
 
 def _rows(t: torch.Tensor, width: int, name: str) -> torch.Tensor:
@@ -398,7 +378,7 @@ if unavailable_reason() is None:  # registered only with Triton (torch looks for
         if cos2.stride() != sin2.stride():
             raise ValueError("decode_attention needs cos and sin of one layout")
         out = torch.empty(batch, 1, heads * d, dtype=q.dtype, device=q.device)
-        split_kernel, combine_kernel, _, _, grouped_kernel = _kernels()
+        split_kernel, combine_kernel, *_ = _kernels()
         count, tiles = splits(keys.shape[2])
         stats = torch.empty(batch * heads, count, 2, dtype=torch.float32, device=q.device)
         partial = torch.empty(batch * heads, count, d, dtype=torch.float32, device=q.device)
@@ -406,13 +386,9 @@ if unavailable_reason() is None:  # registered only with Triton (torch looks for
                 k2.stride(0), v2.stride(0), cos2.stride(0), keys.stride(0), keys.stride(1), keys.stride(2),
                 valid.stride(0), eps, scale)
         groups = heads // kv_heads
-        if grouped:
-            wrap_triton(grouped_kernel)[(batch * kv_heads, count)](
-                *args, HEADS=heads, GROUPS=groups, G_PAD=max(16, 1 << (groups - 1).bit_length()), D=d,
-                BLOCK_T=BLOCK_T, TILES=tiles, num_warps=4)
-        else:
-            wrap_triton(split_kernel)[(batch * heads, count)](
-                *args, HEADS=heads, GROUPS=groups, D=d, BLOCK_T=BLOCK_T, TILES=tiles, num_warps=4)
+        wrap_triton(split_kernel)[(batch * (kv_heads if grouped else heads), count)](
+            *args, HEADS=heads, GROUPS=groups, D=d, BLOCK_T=BLOCK_T, TILES=tiles, GROUPED=grouped,
+            G_PAD=max(16, 1 << (groups - 1).bit_length()) if grouped else 1, num_warps=4)
         wrap_triton(combine_kernel)[(batch * heads,)](
             stats, partial, out, SPLITS=count, SPLITS_P2=max(2, 1 << (count - 1).bit_length()), D=d, num_warps=4)
         return out
