@@ -32,6 +32,8 @@ def test_plans_side_by_side_store_speed_error_and_llama_rows(tmp_path):
     for plan in PLANS:
         assert value[(plan, "greedy_tokens_equal_to_first")] >= (10 if plan != "quant=int8_weight" else 0)
         assert (plan, "decode_ms_per_token") in value.index and (plan, "ttft_ms") in value.index
+        # a prompt of a new length: its first request, then that length once prepared
+        assert value[(plan, "ttft_new_shape_ms")] > 0 and value[(plan, "ttft_new_shape_again_ms")] > 0
     # the exact plan agrees with the reference teacher-forced; the quantized one is measurably off
     assert value[(PLANS[1], "logits_rel")] <= 1e-5 and value[(PLANS[1], "top1_agreement")] == 1.0
     assert value[(PLANS[2], "logits_rel")] > 1e-4
