@@ -36,7 +36,7 @@ PLANS = (
     "attention=sdpa,kv_cache=static,execution=compile[fold=true]",
     "attention=sdpa,kv_cache=static,execution=compile[prefill_compile=true]",
     "attention=sdpa,kv_cache=static,execution=compile[prefill_qk=true]",
-    "attention=sdpa,kv_cache=static,execution=compile[attend_grouped=true]",
+    "attention=sdpa,kv_cache=static,execution=compile[attend_grouped_from=0]",
 )
 
 

@@ -73,7 +73,7 @@ for s in "$@"; do
     exact-new) stage exact-new 180 python scripts/gpu_exactness.py \
                  --plan "attention=sdpa,kv_cache=static,execution=compile[prefill_qk=true]" \
                  --plan "attention=sdpa,kv_cache=static,execution=compile[prefill_compile=true]" \
-                 --plan "attention=sdpa,kv_cache=static,execution=compile[attend_grouped=true]" ;;
+                 --plan "attention=sdpa,kv_cache=static,execution=compile[attend_grouped_from=0]" ;;
     bench8b) stage bench8b 330 python -m harness.bench --preset 8b --device cuda --dtype bf16 --compare transformers \
                --transformers-paths static --rounds 2 --new-tokens 64 --results-dir "$RES" \
                --plan attention=sdpa,kv_cache=static,execution=compile \
@@ -82,7 +82,7 @@ for s in "$@"; do
       stage bench8b-long 480 python -m harness.bench --preset 8b --device cuda --dtype bf16 --compare transformers \
         --transformers-paths static --rounds 2 --new-tokens 64 --prompt-tokens 4000 --results-dir "$RES" \
         --plan attention=sdpa,kv_cache=static,execution=compile \
-        --plan "attention=sdpa,kv_cache=static,execution=compile[attend_grouped=true]" \
+        --plan "attention=sdpa,kv_cache=static,execution=compile[attend_grouped_from=1000000]" \
         --plan "attention=sdpa,kv_cache=static,execution=compile[attend=false]" ;;
     attention) stage attention 170 python -m harness.bench_attention --preset 2b --device cuda --dtype bf16 \
                  --results-dir "$RES" ;;

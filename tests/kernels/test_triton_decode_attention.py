@@ -231,13 +231,15 @@ def test_the_vit_kernel_catches_a_wrong_patch_and_refuses_bad_layouts():
 
 
 @needs_triton
-@pytest.mark.parametrize("grouped", [False, True])
-def test_a_tiny_model_with_the_kernel_decodes_the_reference_tokens(tiny_checkpoint, ours_tiny, grouped):
-    """``compile``'s attention layers (attend, the default, with prefill_qk; both forms of the decode kernel) with
-    the real kernels, on a padded batch with an image: fp32 greedy tokens identical to the reference, step logits
-    within 1e-5."""
+@pytest.mark.parametrize("grouped_from", [None, 0])
+def test_a_tiny_model_with_the_kernel_decodes_the_reference_tokens(tiny_checkpoint, ours_tiny, grouped_from):
+    """``compile``'s attention layers (attend and prefill_qk, the defaults) with the real kernels, on a padded batch
+    with an image: fp32 greedy tokens identical to the reference, step logits within 1e-5. Both forms of the decode
+    kernel: the split form below the default ``attend_grouped_from`` (the tiny cache is short), the grouped form
+    from 0 rows."""
     import qwen3_vl
     from harness.workload import PromptSpec, RowSpec, build_prompt, generate
+    from qwen3_vl.optim.execution import compile as compile_option
     from qwen3_vl.optim.execution.compile import KernelAttention, use_decode_attention
     from qwen3_vl.optim.execution.cuda_graph import CudaGraphExecution
     from qwen3_vl.optim.plan import Target
@@ -246,9 +248,10 @@ def test_a_tiny_model_with_the_kernel_decodes_the_reference_tokens(tiny_checkpoi
 
     model = qwen3_vl.from_pretrained(tiny_checkpoint, plan="attention=eager")
     model.execution = CudaGraphExecution(model, Target("cpu"), capture=False, bucket=16)
-    assert use_decode_attention(model, prefill_qk=True, grouped=grouped) == len(model.language_model.layers)
-    assert all(isinstance(layer.self_attn, KernelAttention) and layer.self_attn.grouped == grouped
-               for layer in model.language_model.layers)
+    kwargs = {} if grouped_from is None else {"grouped_from": grouped_from}
+    assert use_decode_attention(model, prefill_qk=True, **kwargs) == len(model.language_model.layers)
+    assert all(isinstance(layer.self_attn, KernelAttention) and layer.self_attn.grouped_from == (
+        compile_option.GROUPED_FROM if grouped_from is None else grouped_from) for layer in model.language_model.layers)
     prompt = build_prompt(ours_tiny.config, PromptSpec((RowSpec(3, (4, 4), 2), RowSpec(4)), seed=5))
     tokens, logits, _ = generate(model, prompt, 6)
     ref_tokens, ref_logits, _ = generate(ours_tiny, prompt, 6)

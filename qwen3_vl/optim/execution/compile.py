@@ -6,17 +6,19 @@ prefill) stays cuBLAS's. With ``fold=True`` each layer's one-row call is ``GemvD
 residual adds and SiLU gate ride in the GEMVs' prologues and epilogue, which removes about three of Inductor's
 small kernels a layer (off by default: no gain measured on an H100). With ``prefill_compile=True`` the captured
 prefill's text layers and ViT blocks are compiled too, one compiled code per kind of layer (``prefill_graph.py``'s
-``LayerRegions``; off by default until measured: compiling the whole prefill instead cut the 2b TTFT from 10.7 to
-6.8 ms on an H100, but cost a compile of about 20 s for each new prompt shape). With ``attend=True`` (the default)
+``LayerRegions``; off by default: on an H100 it took the 2b first token to 7.5 ms against prefill_qk's 8.8, but the
+first prompt of a second length compiled for 10.6 s). With ``attend=True`` (the default)
 each layer's one-query attention against the graph cache (q/k RMSNorm, M-RoPE, the cache write, scores, softmax,
 values: six launches) is two Triton kernels, a split over the cached positions and a combine
 (``qwen3_vl/kernels/triton_decode_attention.py``): on an H100, 6.3 instead of 16.8 us a layer at the 2b
 benchmark's cache, 1.78 instead of 2.12 ms per 2b token and 6.39 instead of 6.61 per 8b token. With
-``prefill_qk=True`` (needs ``attend``) the prefill's q/k RMSNorms and M-RoPE are one Triton kernel a layer instead
-of about eighteen small ones, and each ViT layer's q/k rotary one instead of about fourteen (off by default until
-measured on a GPU). With ``attend_grouped=True`` the decode kernel takes its grouped form: a program per KV head and
-slice, each cached tile read once for the query heads that share it (the default form reads it once per query
-head; on an H100 at 8b's 4000-row cache it only matched Inductor). Off by default until measured.
+``prefill_qk`` (on by default wherever ``attend`` is and ``prefill_compile`` is not) the prefill's q/k RMSNorms and
+M-RoPE are one Triton kernel a layer instead of about eighteen small ones, and each ViT layer's q/k rotary one
+instead of about fourteen: on an H100 the 2b first token took 8.8 instead of 11.3 ms (9.8 instead of 12.3 in a second
+process), with no compile. Caches of ``attend_grouped_from`` rows or more (4096 by default) take the decode kernel's
+grouped form: a program per KV head and slice, each cached tile read once for the query heads that share it (the
+split form reads it once per query head): at 8b's 4096-row cache 13.8 instead of 27.2 us a layer on an H100, while at
+512 rows the split form was faster.
 
 Triton refuses GPUs below compute capability 7.0, so on a Pascal (sm_61) GPU this option is
 unavailable and falls back to ``cuda_graph`` with that reason recorded.
@@ -41,6 +43,12 @@ from qwen3_vl.model.vision import VisionAttention
 from qwen3_vl.optim.execution.cuda_graph import NEEDS, CudaGraphExecution
 from qwen3_vl.optim.execution.fusion import FusedTextAttention, FusedTextMLP
 from qwen3_vl.optim.plan import Optimization, Requirements, Target
+
+# Caches of at least this many rows take the decode kernel's grouped form. Measured on an H100
+# (scripts/gpu_attention_kernel.py, 2026-12-07, bf16, us a layer): at a 512-row cache the split form won (2b 6.38
+# against 7.31, 8b 7.37 against 7.54); at 8b's 4096-row cache the grouped form took 13.84 against 27.18 (Inductor
+# 24.40). Where between the two they cross is not measured; 4096 is the shortest cache measured to gain.
+GROUPED_FROM = 4096
 
 
 def _triton_reason(target: Target) -> str | None:
@@ -84,7 +92,7 @@ class KernelAttention(TextAttention):
     kernels (about 1700 launches against about 2 ms of arithmetic)."""
 
     prefill_qk = False  # set per layer by ``use_decode_attention``
-    grouped = False  # likewise: the kernel's grouped form (a program per KV head)
+    grouped_from = GROUPED_FROM  # likewise: caches of at least this many rows take the kernel's grouped form
     qk_unfit = 0  # calls the q/k kernel did not take (they ran the plain ops): counted in ``describe()``
 
     def attend(self, q, k, v, cos, sin, mask, cache, attention) -> torch.Tensor:
@@ -93,7 +101,7 @@ class KernelAttention(TextAttention):
         keys, values = cache.keys[self.layer_idx], cache.values[self.layer_idx]
         return decode_attention(q, k, v, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, cos, sin, keys,
                                 values, cache.position, cache.valid, self.head_dim**-0.5, q.shape[-1] // self.head_dim,
-                                keys.shape[1], self.grouped)
+                                keys.shape[1], keys.shape[2] >= self.grouped_from)
 
     def position(self, q, k, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.prefill_qk:
@@ -122,18 +130,18 @@ class FusedKernelAttention(FusedTextAttention, KernelAttention):
     """``KernelAttention`` over the fused q/k/v product (its q, k and v are views of one row)."""
 
 
-def use_decode_attention(model, prefill_qk: bool = False, grouped: bool = False) -> int:
+def use_decode_attention(model, prefill_qk: bool = False, grouped_from: int = GROUPED_FROM) -> int:
     """Swap each text attention (fused or not) to its ``KernelAttention`` where the kernel takes its head size (a
     power of two) and both norms share one eps, with ``prefill_qk`` its prefill's q/k kernel on (and the ViT's
-    rotary kernel, ``KernelVisionAttention``) and ``grouped`` the decode kernel's grouped form; returns how many
-    text layers."""
+    rotary kernel, ``KernelVisionAttention``) and the decode kernel's grouped form for caches of ``grouped_from``
+    rows or more; returns how many text layers."""
     kernel_class = {TextAttention: KernelAttention, FusedTextAttention: FusedKernelAttention}
     swapped = 0
     for layer in model.language_model.layers:
         attn = layer.self_attn
         if type(attn) in kernel_class and fits(attn.head_dim) and attn.q_norm.eps == attn.k_norm.eps:
             attn.__class__ = kernel_class[type(attn)]
-            attn.prefill_qk, attn.grouped = prefill_qk, grouped
+            attn.prefill_qk, attn.grouped_from = prefill_qk, grouped_from
             swapped += 1
     if prefill_qk:
         for block in model.visual.blocks:
@@ -177,16 +185,19 @@ class CompiledExecution(CudaGraphExecution):
 
     def __init__(self, model, target: Target, fuse: bool = True, bucket: int = 256, prefill_graphs: int = 8,
                  prefill_bucket: int = 64, gemv: bool = True, host_choice: bool = False, fold: bool = False,
-                 prefill_compile: bool = False, attend: bool = True, prefill_qk: bool = False,
-                 attend_grouped: bool = False) -> None:
+                 prefill_compile: bool = False, attend: bool = True, prefill_qk: bool | None = None,
+                 attend_grouped_from: int = GROUPED_FROM) -> None:
         import torch._dynamo
 
-        for name, asked in (("prefill_qk", prefill_qk), ("attend_grouped", attend_grouped)):
-            if asked and not attend:
-                raise ValueError(f"compile's {name}=true is part of the attention kernels: it needs attend=true")
+        if prefill_qk and not attend:
+            raise ValueError("compile's prefill_qk=true is part of the attention kernels: it needs attend=true")
         if prefill_qk and prefill_compile:
             raise ValueError("compile's prefill_qk=true and prefill_compile=true are two ways to fuse the prefill's "
                              "q/k norms and rotary (our kernels, or Inductor's): choose one")
+        if attend_grouped_from < 0:
+            raise ValueError(f"compile's attend_grouped_from counts cached rows: 0 or more, got {attend_grouped_from}")
+        if prefill_qk is None:  # the default: on wherever the attention kernels are and Inductor is not asked to fuse
+            prefill_qk = attend and not prefill_compile
         if fold and not (gemv and fuse):
             raise ValueError("compile's fold=true folds the norms and residual adds into the GEMV of the fused "
                              "projections: it needs gemv=true and fuse=true")
@@ -201,14 +212,15 @@ class CompiledExecution(CudaGraphExecution):
         self.gemv_layers = use_gemv(model, fold) if gemv else 0  # after fusing: the fused projections are swapped
         self.folded_layers = sum(type(layer) is GemvDecoderLayer for layer in model.language_model.layers)
         # after folding: it checks the attention's type
-        self.attention_kernel_layers = use_decode_attention(model, prefill_qk, attend_grouped) if attend else 0
-        self.attend_grouped = attend_grouped
+        self.attention_kernel_layers = use_decode_attention(model, prefill_qk, attend_grouped_from) if attend else 0
+        self.attend_grouped_from = attend_grouped_from
         self.attentions = [*(layer.self_attn for layer in model.language_model.layers),
                            *(block.attn for block in model.visual.blocks)]  # for describe()
 
     def describe(self) -> dict:
         return {**super().describe(), "gemv_layers": self.gemv_layers, "folded_layers": self.folded_layers,
-                "attention_kernel_layers": self.attention_kernel_layers, "attend_grouped": self.attend_grouped,
+                "attention_kernel_layers": self.attention_kernel_layers,
+                "attend_grouped_from": self.attend_grouped_from,
                 "prefill_qk": prefill_qk_state(self.attentions)}
 
 
@@ -224,9 +236,9 @@ OPTION = Optimization(
         "(host_choice=true: by the host) and cuda_graph's captured prefill (prefill_compile=true: its text layers "
         "and ViT blocks compiled before the capture, one compiled code for all layers of a kind); each layer's "
         "one-query attention (q/k norms, rotary, cache write, softmax attention) our Triton split-and-combine "
-        "kernels (attend=false: Inductor's kernels; attend_grouped=true: one program per KV head reading each cached "
-        "tile once for its query heads, not yet measured; prefill_qk=true: the prefill's q/k norms and rotary, the "
-        "ViT's included, one Triton kernel a layer, not yet measured); needs Triton, so sm_70+."
+        "kernels (attend=false: Inductor's kernels), from attend_grouped_from cached rows on (4096) one program per KV "
+        "head reading each cached tile once for its query heads; the prefill's q/k norms and rotary, the ViT's "
+        "included, one Triton kernel a layer (prefill_qk=false: the plain ops); needs Triton, so sm_70+."
     ),
     build=lambda model, target, **params: CompiledExecution(model, target, **params),
     requires=Requirements(devices=("cuda",), min_compute_capability=(7, 0)),
@@ -235,5 +247,5 @@ OPTION = Optimization(
     fallback="cuda_graph",
     defaults={"fuse": True, "bucket": 256, "prefill_graphs": 8, "prefill_bucket": 64, "gemv": True,
               "host_choice": False, "fold": False, "prefill_compile": False, "attend": True,
-              "prefill_qk": False, "attend_grouped": False},
+              "prefill_qk": True, "attend_grouped_from": GROUPED_FROM},
 )

@@ -218,7 +218,7 @@ def test_compile_attend_makes_each_decode_steps_attention_one_kernel_call(tiny_c
 
     def recording(q, k, v, q_norm, k_norm, eps, cos, sin, keys, values, *rest):
         *rest, grouped = rest
-        assert grouped is False  # the split form unless attend_grouped asks
+        assert grouped is False  # the split form below attend_grouped_from's cached rows (the tiny cache: 256)
         calls.append((q.shape[1], keys.data_ptr()))
         return triton_decode_attention.reference(q, k, v, q_norm, k_norm, eps, cos, sin, keys, values, *rest)
 
@@ -234,7 +234,7 @@ def test_compile_attend_makes_each_decode_steps_attention_one_kernel_call(tiny_c
     monkeypatch.setattr(compile_option, "decode_attention", recording)
     monkeypatch.setattr(compile_option, "qk_norm_rotary", recording_qk)
     monkeypatch.setattr(compile_option, "vision_rotary", recording_vision)
-    assert compile_option.OPTION.defaults["attend"] is True
+    assert compile_option.OPTION.defaults["attend"] is True and compile_option.OPTION.defaults["prefill_qk"] is True
     model = graph_model(tiny_checkpoint, bucket=16, fuse=fuse)
     layers = ours_tiny.config.text.num_hidden_layers
     assert compile_option.use_decode_attention(model, prefill_qk) == layers
@@ -279,8 +279,8 @@ def test_compile_prefill_qk_needs_the_attention_kernels(tiny_checkpoint):
     model = qwen3_vl.from_pretrained(tiny_checkpoint)
     with pytest.raises(ValueError, match=r"prefill_qk=true .* needs attend=true"):
         CompiledExecution(model, Target("cpu"), attend=False, prefill_qk=True)
-    with pytest.raises(ValueError, match=r"attend_grouped=true .* needs attend=true"):
-        CompiledExecution(model, Target("cpu"), attend=False, attend_grouped=True)
+    with pytest.raises(ValueError, match=r"attend_grouped_from counts cached rows: 0 or more"):
+        CompiledExecution(model, Target("cpu"), attend_grouped_from=-1)
     with pytest.raises(ValueError, match=r"prefill_qk=true and prefill_compile=true .* choose one"):
         CompiledExecution(model, Target("cpu"), prefill_qk=True, prefill_compile=True)
 
