@@ -243,10 +243,19 @@ def parser() -> argparse.ArgumentParser:
     da.add_argument("--out", default="site", help="output folder (index.html is written there)")
     da.add_argument("--gate-report", default=None, help="the gate's JSON report (default: <results>/gate/last.json)")
     da.set_defaults(func=_dashboard)
+
+    # listed for --help; main() hands its arguments to harness.bench's own parser
+    sub.add_parser("bench", help="this project's plans against transformers (and llama.cpp) side by side, in one "
+                                 "process: python -m harness bench --help")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own parser
+        from harness import bench
+
+        return bench.main(argv[1:])
     args = parser().parse_args(argv)
     try:
         return args.func(args)
@@ -263,4 +272,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if sys.argv[1:2] == ["bench"]:  # the same exit watchdog as python -m harness.bench
+        from harness.bench import exit_within
+
+        exit_within(code)
+    sys.exit(code)

@@ -61,6 +61,16 @@ def test_bad_llama_bench_json_is_one_line_and_exit_2(tmp_path, capsys, content, 
     assert len(err) == 1 and message in err[0]
 
 
+def test_python_m_harness_bench_is_the_bench(tmp_path, capsys):
+    """``python -m harness bench`` (the issue's spelling) runs harness.bench with its own arguments."""
+    from harness.__main__ import main
+
+    path = tmp_path / "bad.json"
+    path.write_text("not json")
+    assert main(["bench", "--preset", "tiny", "--llama-bench", str(path), "--results-dir", str(tmp_path)]) == 2
+    assert "cannot read llama-bench JSON" in capsys.readouterr().err
+
+
 def test_kv_error_part_stores_each_approximate_kv_option_with_its_bound(tmp_path):
     from suites import bench_memory_quant
 
