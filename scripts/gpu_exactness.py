@@ -35,7 +35,7 @@ PLANS = (
     "attention=sdpa,kv_cache=static,execution=compile",
     "attention=sdpa,kv_cache=static,execution=compile[fold=true]",
     "attention=sdpa,kv_cache=static,execution=compile[prefill_compile=true]",
-    "attention=sdpa,kv_cache=static,execution=compile[prefill_qk=true]",
+    "attention=sdpa,kv_cache=static,execution=compile[prefill_qk=false]",
     "attention=sdpa,kv_cache=static,execution=compile[attend_grouped_from=0]",
 )
 
