@@ -113,6 +113,11 @@ def prompt_kernels(dtype, rounds: int, replays: int) -> None:
               f"eager {vit_us['eager']:.2f} (fp32 rel err {err_vit:.1e})")
 
 
+def own_caches(inputs: dict) -> dict:
+    """One layer's inputs with copies of its caches (the kernels and the eager ops write the step's row)."""
+    return {**inputs, "keys": inputs["keys"].clone(), "values": inputs["values"].clone()}
+
+
 def rel(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
@@ -142,12 +147,10 @@ def main() -> int:
     for name, (heads, kv_heads, d, layers, capacity, position) in SHAPES.items():
         # exactness first, on fresh fp32 inputs: both kernel forms against the eager ops
         one = layer_inputs(heads, kv_heads, d, capacity, position, torch.float32, 0)
-        want = kernel.reference(**{**one, "keys": one["keys"].clone(), "values": one["values"].clone()})
-        err32 = max(rel(kernel.decode_attention(**{**one, "keys": one["keys"].clone(), "values": one["values"].clone()},
-                                                grouped=grouped), want) for grouped in (False, True))
+        want = kernel.reference(**own_caches(one))
+        err32 = max(rel(kernel.decode_attention(**own_caches(one), grouped=grouped), want) for grouped in (False, True))
         steps = [layer_inputs(heads, kv_heads, d, capacity, position, dtype, seed) for seed in range(layers)]
-        caches = {form: [{**x, "keys": x["keys"].clone(), "values": x["values"].clone()} for x in steps]
-                  for form in forms}  # each form writes its own
+        caches = {form: [own_caches(x) for x in steps] for form in forms}  # each form writes its own
         times = time_forms(forms, caches, args.rounds, args.replays)
         print(f"{name}: {heads} heads / {kv_heads} KV of {d}, cache {capacity}, position {position}; "
               f"fp32 kernels (both forms) vs eager rel err {err32:.1e} at most")

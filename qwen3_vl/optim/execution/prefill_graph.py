@@ -202,19 +202,18 @@ class PrefillGraphs:
     def _new_entry(self, model, cache, key, host, visual, length) -> _Entry:
         grids = {kind: model.visual.prepare(grid, model.rope) for kind, _, grid, _ in visual}
 
-        def forward(inputs):
+        def eager(inputs):
             return self._forward(model, cache, inputs, grids, length)
 
-        def compiled_forward(inputs):
+        def compiled(inputs):
             with self.regions.active(model):
-                return self._forward(model, cache, inputs, grids, length)
+                return eager(inputs)
 
         def reset():
             cache.seen_tokens = 0
 
-        eager, first = forward, None
-        if self.compile:  # one eager run first (options choose their kernels outside the trace), then Inductor's
-            first, forward = forward, compiled_forward
+        # compiled: one eager run first (options choose their kernels outside the trace), then Inductor's
+        first, forward = (eager, compiled) if self.compile else (None, eager)
 
         capture = self.capture and key not in self.failed
         if capture and self.pool is None:
